@@ -1,0 +1,162 @@
+//! Wires the adapters to the actor system and runs the controller until a signal stops it.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use tokio::sync::watch as signal;
+use tracing::{info, warn};
+
+use acrpull_actors::event::BindingEvent;
+use acrpull_actors::model::BindingKey;
+use acrpull_actors::spec::{Defaults, RegistryPolicy};
+use acrpull_actors::{ActorSystem, SystemConfig};
+
+use crate::azure::AzureTokenSource;
+use crate::azure::endpoints::AzureEndpoints;
+use crate::cli::{ControllerArgs, LogFormat};
+use crate::cluster::watch::{self, EventSink, WatchConfig};
+use crate::cluster::writer::{BindingDirectory, KubeWriter};
+use crate::health;
+
+/// Page size of the initial lists; bounds the memory a relist needs.
+const LIST_PAGE_SIZE: u32 = 500;
+
+/// Runs the controller until SIGTERM or SIGINT.
+///
+/// # Errors
+/// Returns an error when the Kubernetes client, the Azure clients or the health endpoint
+/// cannot be set up.
+pub fn run(args: &ControllerArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_format);
+    install_crypto_provider();
+
+    // A multi-thread Tokio runtime under actix: actors run on the System's arbiter, while
+    // watches and HTTP calls may use every core.
+    let system = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("failed to build the Tokio runtime")
+    });
+    system.block_on(run_async(args))
+}
+
+async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("failed to create the Kubernetes client; check KUBECONFIG or the in-cluster ServiceAccount")?;
+
+    if args.enable_leader_election {
+        // NOTE: leader election is accepted for compatibility with the original Deployment
+        // arguments but not implemented yet, so every replica acts. Writes are idempotent, but
+        // replicas duplicate Azure calls.
+        warn!("--enable-leader-election is accepted but not implemented yet; every replica acts");
+    }
+    info!(metrics_addr = %args.metrics_addr, "metrics endpoint is not served yet");
+
+    let endpoints = AzureEndpoints {
+        imds_endpoint: args.azure.imds_endpoint.clone(),
+        entra_authority_host: args.azure.entra_authority_host.clone(),
+        arm_resource: args.azure.arm_resource.clone(),
+        acr_address: args.azure.acr_address,
+        extra_ca_file: args.azure.extra_ca_file.clone(),
+        request_timeout: args.azure.azure_request_timeout,
+    };
+    let token_source = AzureTokenSource::new(endpoints).context("failed to set up the Azure clients")?;
+
+    let directory = BindingDirectory::default();
+    let reporter = Reporter {
+        controller: "acrpull".to_owned(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let writer = KubeWriter::new(client.clone(), directory.clone(), Recorder::new(client.clone(), reporter));
+
+    let mut config = SystemConfig::default();
+    config.decide.refresh.margin = args.refresh_margin;
+    config.writer.qps = args.writer_qps;
+    config.writer.burst = args.writer_burst;
+    let actors = ActorSystem::start(config, Arc::new(token_source), Arc::new(writer))
+        .context("invalid controller settings")?;
+
+    let watch_config = WatchConfig {
+        binding_selector: args.label_selector.clone(),
+        defaults: Defaults {
+            acr_server: args.default_acr_server.clone(),
+            managed_identity_resource_id: args.default_managed_identity_resource_id.clone(),
+            managed_identity_client_id: args.default_managed_identity_client_id.clone(),
+        },
+        policy: RegistryPolicy {
+            allowed_suffixes: args
+                .allowed_acr_server_suffixes
+                .iter()
+                .map(|suffix| suffix.trim().to_owned())
+                .filter(|suffix| !suffix.is_empty())
+                .collect(),
+        },
+        page_size: LIST_PAGE_SIZE,
+    };
+
+    let (ready_tx, ready_rx) = signal::channel(false);
+    let (stop_tx, stop_rx) = signal::channel(false);
+    let health = tokio::spawn(health::serve(args.health_probe_addr, ready_rx, wait_for(stop_rx)));
+    let watches = tokio::spawn(watch::run(client, watch_config, directory, Sink(actors.clone()), ready_tx));
+    info!("controller started");
+
+    shutdown_signal().await;
+    info!("shutting down: stopping watches, then draining queued writes");
+    watches.abort();
+    let _ = stop_tx.send(true);
+    actors.shutdown().await;
+    match health.await {
+        Ok(Err(error)) => warn!(%error, "health endpoint failed"),
+        Err(error) if !error.is_cancelled() => warn!(%error, "health endpoint task failed"),
+        _ => {}
+    }
+    info!("controller stopped");
+    Ok(())
+}
+
+/// Delivers watch events to the actor system.
+#[derive(Clone)]
+struct Sink(ActorSystem);
+
+impl EventSink for Sink {
+    fn deliver(&self, key: BindingKey, event: BindingEvent) {
+        self.0.deliver(key, event);
+    }
+}
+
+async fn wait_for(mut stop: signal::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("failed to install the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("received SIGINT"),
+        _ = terminate.recv() => info!("received SIGTERM"),
+    }
+}
+
+/// Installs aws-lc-rs as the process-wide rustls provider. kube and reqwest both link rustls;
+/// without an explicit choice, building a client panics.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
