@@ -15,7 +15,7 @@ use crate::azure::endpoints::{DEFAULT_ARM_RESOURCE, DEFAULT_ENTRA_AUTHORITY_HOST
 #[derive(Debug, Parser)]
 #[command(name = "acrpull", version, about, long_about = None)]
 pub struct Cli {
-    /// What to run; the controller when omitted.
+    /// The subcommand; the controller runs when it is omitted.
     #[command(subcommand)]
     pub command: Option<Command>,
 

@@ -20,7 +20,7 @@ impl Default for BackoffPolicy {
         Self {
             base: Duration::from_secs(1),
             factor: 2.0,
-            max: Duration::from_secs(5 * 60),
+            max: Duration::from_mins(5),
         }
     }
 }
@@ -79,6 +79,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::duration_suboptimal_units, reason = "the table reads best with every delay in seconds")]
     fn delay_table() {
         let policy = BackoffPolicy::default();
         let cases: [(u32, f64, Option<u64>, Duration); 11] = [

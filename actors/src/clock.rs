@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-/// Where the actors read the current time.
+/// The time source of the actors.
 ///
 /// Token lifetimes are wall-clock instants (JWT `iat` and `exp`), so production uses the
 /// system clock. Tests use [`Clock::tokio`], which follows tokio's clock, so that

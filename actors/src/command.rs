@@ -23,7 +23,7 @@ pub enum Command {
     ArmTimer {
         /// When `TimerFired` is due.
         at: Timestamp,
-        /// Why the timer is armed. A `Retry` timer also holds back token requests and the
+        /// The reason for the timer. A `Retry` timer also holds back token requests and the
         /// re-sending of failed writes until it fires.
         purpose: TimerPurpose,
     },
@@ -31,7 +31,7 @@ pub enum Command {
     Stop,
 }
 
-/// Why a binding's timer is armed.
+/// The reason a binding's timer is armed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimerPurpose {
     /// The held token falls due for refresh.

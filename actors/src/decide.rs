@@ -1,14 +1,14 @@
 //! The pure decision step of a binding: which commands follow from its state and an event.
 //!
-//! [`step`] is what the binding actor calls: it screens the event, folds it into the state
-//! with [`BindingState::apply`], asks [`decide`] for commands, and folds those back in with
+//! The binding actor calls [`step`]. It screens the event, folds it into the state with
+//! [`BindingState::apply`], calls [`decide`] for the commands, and folds those back in with
 //! [`BindingState::record`]. [`decide`] reads only its arguments, so the same state, event,
 //! time and jitter always produce the same commands.
 //!
-//! The rules are level-based: after any event, `decide` compares what the cluster should
-//! contain with what the state knows and sends what is missing, unless an identical write or
-//! a token request is already in flight. The event itself only matters for the Events
-//! (notices) that announce a change and for `BindingRemoved`.
+//! The rules are level-based. After any event, `decide` compares what the cluster should
+//! contain with what the state records, and sends what is missing unless an identical write
+//! or a token request is already in flight. The event itself matters only for the Events
+//! (notices) that announce a change, and for `BindingRemoved`.
 
 use std::borrow::Cow;
 
@@ -113,6 +113,11 @@ pub fn screen_event<'a>(event: &'a BindingEvent, now: Timestamp, policy: &Refres
     }
 }
 
+/// Extra doublings of the backoff for a request that Azure rejected (401, 403, unknown
+/// identity). Such a failure lasts until someone fixes a role assignment, so retrying sooner
+/// than 8 s helps nobody. It is still retried, because the fix needs no change to the binding.
+const REJECTED_EXTRA_DOUBLINGS: u32 = 3;
+
 /// Returns the commands that follow from `state`, which already contains `event`.
 ///
 /// Pure and deterministic: it reads only its arguments.
@@ -172,19 +177,20 @@ impl<'a> Plan<'a> {
     }
 
     /// Computes the retry instant for a failure that the event recorded. A later instant
-    /// already set by an earlier failure is kept, so that no retry comes sooner than any
-    /// failure's backoff asks.
+    /// already set by an earlier failure is kept, so that no retry comes sooner than the
+    /// backoff of any failure requires.
     fn schedule_retry(&mut self, jitter: f64) {
         let Some(request) = self.state.unscheduled_retry else {
             return;
         };
 
         let backoff = &self.config.backoff;
-        let delay = if request.retryable {
-            backoff.delay(request.attempts, jitter, request.retry_after)
+        let attempts = if request.retryable {
+            request.attempts
         } else {
-            backoff.max.max(request.retry_after.unwrap_or_default())
+            request.attempts.saturating_add(REJECTED_EXTRA_DOUBLINGS)
         };
+        let delay = backoff.delay(attempts, jitter, request.retry_after);
         let at = later(self.now, delay);
 
         self.retry_at = Some(self.retry_at.map_or(at, |existing| existing.max(at)));
@@ -310,7 +316,8 @@ impl<'a> Plan<'a> {
 
     /// Removes the references and the Secret, then the finalizer. After
     /// `max_cleanup_attempts` failed cleanup writes the finalizer is removed anyway, with a
-    /// Warning event, so that deletion always finishes.
+    /// Warning event, so that a failing cleanup never blocks deletion. A failed finalizer
+    /// removal is retried with backoff for as long as it fails.
     fn clean_up(&mut self, event: &BindingEvent) {
         let state = self.state;
         let gave_up = state.cleanup_failures >= self.config.max_cleanup_attempts;
@@ -431,6 +438,11 @@ impl<'a> Plan<'a> {
 
     /// Arms the single timer: for a pending retry first, else for the refresh of a usable
     /// token. A refresh that falls due during a retry delay runs when the retry fires.
+    ///
+    /// So every binding that is not being deleted has a timer armed or a token request in
+    /// flight, with three exceptions in which only a new event can change the outcome: the
+    /// spec is not observed yet, the spec is invalid, or a Secret that the binding does not
+    /// own sits under its Secret name.
     fn arm_timer(&mut self) {
         let state = self.state;
 
@@ -518,6 +530,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines, reason = "one table row per transition reads better than split tables")]
     fn spec_transitions() {
         run(&[
             Case {
@@ -589,6 +602,13 @@ mod tests {
                 expected: &["RequestToken"],
             },
             Case {
+                name: "changed inputs end the backoff of old inputs",
+                setup: failed_once,
+                secs: 1,
+                event: |_| spec_with(desired("default", "y"), true, ObservedStatus::default()),
+                expected: &["RequestToken"],
+            },
+            Case {
                 name: "changed service account moves the reference",
                 setup: ready,
                 secs: 5,
@@ -606,6 +626,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines, reason = "one table row per transition reads better than split tables")]
     fn token_transitions() {
         run(&[
             Case {
@@ -690,7 +711,7 @@ mod tests {
                 ],
             },
             Case {
-                name: "non-retryable failure waits the maximum delay",
+                name: "rejected request backs off three doublings further",
                 setup: requested,
                 secs: 0,
                 event: |harness| BindingEvent::TokenFailed {
@@ -704,7 +725,7 @@ mod tests {
                 expected: &[
                     "Status(false TokenRefreshFailed)",
                     "Event(Warning TokenRefreshFailed)",
-                    "Timer(Retry @300)",
+                    "Timer(Retry @8)",
                 ],
             },
             Case {
@@ -764,6 +785,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines, reason = "one table row per transition reads better than split tables")]
     fn write_result_transitions() {
         run(&[
             Case {
@@ -888,7 +910,7 @@ mod tests {
                     write: ClusterWrite::AddFinalizer,
                     error: write_error(WriteErrorKind::Rejected),
                 },
-                expected: &["Status(false WriteFailed)", "Event(Warning WriteFailed)", "Timer(Retry @300)"],
+                expected: &["Status(false WriteFailed)", "Event(Warning WriteFailed)", "Timer(Retry @8)"],
             },
         ]);
     }

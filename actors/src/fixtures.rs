@@ -144,6 +144,8 @@ pub struct Harness {
     pub state: BindingState,
     /// The policies.
     pub config: DecideConfig,
+    /// Every event handled so far, to print when a test fails.
+    pub events: Vec<BindingEvent>,
     /// Every command returned so far.
     pub history: Vec<Command>,
 }
@@ -154,6 +156,7 @@ impl Harness {
         Self {
             state: BindingState::new(BindingKey::new("ns", "app")),
             config: DecideConfig::default(),
+            events: Vec::new(),
             history: Vec::new(),
         }
     }
@@ -161,6 +164,7 @@ impl Harness {
     /// Handles `event` at `T0 + secs` and returns the commands.
     pub fn step(&mut self, secs: i64, event: BindingEvent) -> Vec<Command> {
         let commands = step(&mut self.state, &event, at(secs), 1.0, &self.config);
+        self.events.push(event);
         self.history.extend(commands.iter().cloned());
         commands
     }
@@ -191,7 +195,7 @@ impl Harness {
         })
     }
 
-    /// Answers the token request in flight with `token` at `T0 + secs`.
+    /// Returns a token for the request in flight at `T0 + secs`, and the rendered commands.
     pub fn issue(&mut self, secs: i64, value: &str) -> Vec<String> {
         let inputs_hash = self.state.in_flight.clone().expect("no token request in flight");
         self.rendered(

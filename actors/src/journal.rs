@@ -74,7 +74,7 @@ impl Journal {
         self.entries.len()
     }
 
-    /// Returns whether the journal holds no entry.
+    /// Returns whether the journal contains no entry.
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

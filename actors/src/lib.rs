@@ -2,11 +2,11 @@
 //!
 //! - [`spec`] resolves and validates a binding's spec.
 //! - [`event`] and [`command`] are the inputs and outputs of the per-binding state machine.
-//! - [`state`] folds events into a binding's state; [`decide`] turns state into commands.
-//! - [`refresh`] and [`backoff`] hold the timing rules; [`status`] builds status and Events.
-//! - [`write`] describes the writes that only the writer actor performs.
+//! - [`state`] folds events into a binding's state, and [`decide`] turns state into commands.
+//! - [`refresh`] and [`backoff`] contain the timing rules, and [`status`] builds status and Events.
+//! - [`write`](mod@write) describes the writes that only the writer actor performs.
 //! - [`ports`] are the boundaries that the binary implements with Azure and Kubernetes.
-//! - [`actor`] runs it all on actix; [`memory`] has in-memory ports for tests and benchmarks.
+//! - [`actor`] runs it all on actix, and [`memory`] has in-memory ports for tests and benchmarks.
 
 pub mod actor;
 pub mod backoff;

@@ -35,14 +35,14 @@ struct TokenSourceState {
 }
 
 impl MemoryTokenSource {
-    /// Creates a source whose tokens live 75 minutes (like ACR access tokens) and which
-    /// answers at once. Issue times come from `clock`.
+    /// Creates a source whose tokens live 75 minutes, like ACR access tokens, and which
+    /// returns at once. Issue times come from `clock`.
     #[must_use]
     pub fn new(clock: Clock) -> Self {
         Self {
             clock,
             inner: Arc::new(Mutex::new(TokenSourceState {
-                lifetime: Duration::from_secs(75 * 60),
+                lifetime: Duration::from_mins(75),
                 latency: Duration::ZERO,
                 scripted_failures: VecDeque::new(),
                 calls: 0,
@@ -56,7 +56,7 @@ impl MemoryTokenSource {
         lock(&self.inner).lifetime = lifetime;
     }
 
-    /// Sets how long each call waits before it answers.
+    /// Sets how long each call waits before it returns.
     pub fn set_latency(&self, latency: Duration) {
         lock(&self.inner).latency = latency;
     }
@@ -111,7 +111,7 @@ impl TokenSource for MemoryTokenSource {
     }
 }
 
-/// What the in-memory cluster contains, and what was asked of it.
+/// The objects of the in-memory cluster, and the calls made to it.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryCluster {
     /// Secrets by `(namespace, name)`.
@@ -187,7 +187,7 @@ impl Default for MemoryClusterWriter {
 }
 
 impl MemoryClusterWriter {
-    /// Creates an empty cluster that answers at once.
+    /// Creates an empty cluster whose calls return at once.
     #[must_use]
     pub fn new() -> Self {
         Self {

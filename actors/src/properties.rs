@@ -1,8 +1,8 @@
 //! Property tests of the state machine's invariants, over random event sequences.
 //!
-//! A small simulation plays the cluster, the broker and the timer: it answers the token
-//! request in flight, completes or fails pending writes, fires the timer, and injects watch
-//! events, some of them stale or hostile. After every step the invariants are checked.
+//! A small simulation plays the cluster, the broker and the timer. It returns a result for the
+//! token request in flight, completes or fails pending writes, fires the timer, and injects
+//! watch events, some of them stale or hostile. After every step the invariants are checked.
 
 use std::collections::BTreeSet;
 
@@ -38,11 +38,11 @@ enum Action {
     Account { account: usize, references: bool },
     /// A ServiceAccount is deleted.
     AccountGone(usize),
-    /// The broker answers: 0 fresh token, 1 token already due, 2 retryable and 3 permanent
-    /// failure. Without a request in flight it sends an unsolicited answer.
+    /// The broker returns 0 a fresh token, 1 a token already due, 2 a retryable failure or
+    /// 3 a permanent failure. Without a request in flight the result is unsolicited.
     AnswerToken(u8),
-    /// The writer answers the pending write at this index: 0 done, 1 conflict, 2 throttled,
-    /// 3 not found, 4 rejected.
+    /// The writer reports the outcome of the pending write at this index: 0 done, 1 conflict,
+    /// 2 throttled, 3 not found, 4 rejected.
     CompleteWrite { index: usize, outcome: u8 },
     /// Time moves to the armed timer and it fires.
     FireTimer,
@@ -79,7 +79,7 @@ struct World {
     state: BindingState,
     config: DecideConfig,
     now: Timestamp,
-    /// The request the broker has not answered yet, as the world saw it go out.
+    /// The token request still waiting for a result, as the world saw it go out.
     requested: Option<InputsHash>,
     /// The Secret as last written, and whether someone else's Secret sits under its name.
     secret: Option<SecretContent>,
@@ -89,7 +89,7 @@ struct World {
     issued: Vec<String>,
     accounts_in_specs: BTreeSet<String>,
     minted: u64,
-    /// Set when a token answer failed; only a timer may lead to the next request.
+    /// Set when a token request failed, so that only a timer may lead to the next request.
     failed_since_timer: bool,
 }
 
@@ -124,6 +124,7 @@ impl World {
     }
 
     /// Turns an action into an event, or `None` when it does not apply right now.
+    #[allow(clippy::too_many_lines, reason = "one match arm per action keeps the world's rules in one place")]
     fn event_for(&mut self, action: &Action) -> Option<BindingEvent> {
         match action {
             Action::Spec {
@@ -258,6 +259,7 @@ impl World {
     }
 
     /// Handles one event and checks every per-step invariant.
+    #[allow(clippy::too_many_lines, reason = "each invariant check is a short block; splitting scatters them")]
     fn step(&mut self, event: &BindingEvent) -> Result<Vec<Command>, TestCaseError> {
         let before = self.state.clone();
         let stored_before = self.secret.clone();
@@ -272,7 +274,9 @@ impl World {
             && self.state.in_flight.is_none();
         let failure = matches!(event, BindingEvent::TokenFailed { .. })
             || matches!(event, BindingEvent::TokenIssued { token, .. } if !self.config.refresh.is_fresh(token, now));
-        if matches!(event, BindingEvent::TimerFired) {
+        // A timer ends the backoff, and so do new token inputs: their failures are new.
+        let after_hash = self.state.desired().map(crate::model::DesiredBinding::inputs_hash);
+        if matches!(event, BindingEvent::TimerFired) || (current_hash.is_some() && after_hash != current_hash) {
             self.failed_since_timer = false;
         }
         if failure && answered && !self.state.deleting {

@@ -1,6 +1,6 @@
 //! The refresh rule: when a registry token must be replaced.
 //!
-//! Every other module asks [`RefreshPolicy`] instead of comparing expiry times itself, so the
+//! Every other module calls [`RefreshPolicy`] instead of comparing expiry times itself, so the
 //! rule lives in one place.
 
 use std::time::Duration;
@@ -24,7 +24,7 @@ pub struct RefreshPolicy {
 impl Default for RefreshPolicy {
     fn default() -> Self {
         Self {
-            margin: Duration::from_secs(30 * 60),
+            margin: Duration::from_mins(30),
             short_token_fraction: 0.5,
         }
     }
@@ -125,7 +125,7 @@ mod tests {
     #[test]
     fn custom_fraction_applies_to_short_tokens() {
         let policy = RefreshPolicy {
-            margin: Duration::from_secs(60),
+            margin: Duration::from_mins(1),
             short_token_fraction: 0.8,
         };
         let short = token("2025-01-01T00:00:00Z", "2025-01-01T00:01:40Z");

@@ -39,9 +39,9 @@ pub struct BindingState {
     /// Name of the binding's Secret, from the last valid spec or else from an observed owned
     /// Secret. It survives an invalid spec so that deletion can still remove the Secret.
     pub secret_name: Option<String>,
-    /// How the Secret in the cluster compares with [`Self::token`].
+    /// The Secret in the cluster, compared with [`Self::token`].
     pub secret: SecretState,
-    /// The `imagePullSecrets` entry that the last valid spec asks for. It survives an invalid
+    /// The `imagePullSecrets` entry that the last valid spec requests. It survives an invalid
     /// spec so that deletion can still remove it.
     pub target: Option<PullSecretReference>,
     /// Whether the target ServiceAccount lists the Secret.
@@ -55,8 +55,8 @@ pub struct BindingState {
     pub token_failures: u32,
     /// The last token failure, reported in status until a usable token arrives.
     pub token_error: Option<TokenError>,
-    /// Writes sent to the writer and not answered yet, by the object they change. Events are
-    /// not tracked, because they are never retried.
+    /// Writes sent to the writer whose outcome has not arrived yet, by the object they change.
+    /// Events are not tracked, because they are never retried.
     pub pending_writes: BTreeMap<CoalesceKey, ClusterWrite>,
     /// Writes that failed and are re-sent after the backoff delay, by the object they change.
     /// A successful write to the same object clears the entry.
@@ -103,7 +103,7 @@ pub enum FinalizerState {
     Absent,
 }
 
-/// How the Secret in the cluster compares with the held token.
+/// The state of the Secret in the cluster, compared with the held token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SecretState {
     /// Not observed since the actor started.
@@ -151,7 +151,7 @@ pub struct WriteFailure {
     pub error: WriteError,
 }
 
-/// What `decide` needs to compute a retry instant.
+/// The inputs that `decide` needs to compute a retry instant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryRequest {
     /// Consecutive failures of the thing being retried.
@@ -287,9 +287,22 @@ impl BindingState {
         self.status = Some(observed.status.clone());
 
         if let Ok(desired) = &observed.spec {
+            // New token inputs are a new request: failures of the old inputs say nothing about
+            // them, so their error and backoff are dropped.
+            let previous_hash = match &self.spec {
+                Some(Ok(previous)) => Some(previous.inputs_hash()),
+                _ => None,
+            };
+            if previous_hash.is_some_and(|hash| hash != desired.inputs_hash()) {
+                self.token_failures = 0;
+                self.token_error = None;
+                self.unscheduled_retry = None;
+                self.retry_at = None;
+            }
+
             if self.secret_name.as_deref() != Some(desired.secret_name.as_str()) {
-                // A different name is a different object: what was seen of the old one says
-                // nothing about the new one.
+                // A different name is a different object, so observations of the old one do
+                // not describe the new one.
                 if self.secret_name.is_some() {
                     self.secret = SecretState::Unknown;
                 }
@@ -298,8 +311,8 @@ impl BindingState {
             self.retarget(PullSecretReference::new(&desired.service_account, &desired.secret_name));
 
             // Ready=True is only written while the target lists the Secret, and the same
-            // generation means the same target. Trusting it lets a restart send no write; a
-            // ServiceAccount event that says otherwise still wins.
+            // generation means the same target. Trusting it lets a restart send no write. A
+            // ServiceAccount event that reports otherwise still wins.
             let ready_now = observed
                 .status
                 .ready
@@ -341,12 +354,14 @@ impl BindingState {
         if !self.is_own_secret(&secret.name) {
             return;
         }
+        // Before the spec names the Secret, the observed name stands in for it, so that a spec
+        // naming another Secret later resets what was seen.
+        if self.secret_name.is_none() {
+            self.secret_name = Some(secret.name.clone());
+        }
         if !secret.owned {
             self.secret = SecretState::NotOwned;
             return;
-        }
-        if self.secret_name.is_none() {
-            self.secret_name = Some(secret.name.clone());
         }
 
         let (Some(token), Some(hash)) = (&secret.token, &secret.inputs_hash) else {
@@ -413,8 +428,9 @@ impl BindingState {
         self.stale_references.retain(|stale| stale.service_account != name);
     }
 
-    /// Ends the request in flight for `inputs_hash`; returns `false` for an answer to no
-    /// request in flight, or one that no longer matters (deleting, or the spec changed).
+    /// Ends the request in flight for `inputs_hash`. Returns `false` for a result that matches
+    /// no request in flight or no longer matters, because the binding is being deleted or the
+    /// spec changed.
     fn end_request(&mut self, inputs_hash: &InputsHash) -> bool {
         if self.in_flight.as_ref() != Some(inputs_hash) {
             return false;
@@ -580,7 +596,7 @@ impl BindingState {
         });
     }
 
-    /// Applies a 404 that is an answer rather than a failure; returns whether it was one.
+    /// Applies a 404 that is an outcome rather than a failure, and returns whether it was one.
     fn absorb_not_found(&mut self, write: &ClusterWrite) -> bool {
         match write {
             ClusterWrite::AddPullSecretReference {
@@ -680,8 +696,8 @@ mod tests {
 
         state.apply(&spec_event("b"), at(1));
 
-        let stale = PullSecretReference::new("a", "app-msi-acrpull-secret");
-        assert!(state.stale_references.contains(&stale));
+        let previous = PullSecretReference::new("a", "app-msi-acrpull-secret");
+        assert!(state.stale_references.contains(&previous));
         assert_eq!(state.target, Some(PullSecretReference::new("b", "app-msi-acrpull-secret")));
         assert_eq!(state.target_state, ReferenceState::Unknown);
     }
@@ -799,6 +815,20 @@ mod tests {
 
         assert_eq!(state.secret, SecretState::NotOwned);
         assert!(state.token.is_none());
+    }
+
+    #[test]
+    fn early_foreign_secret_with_other_name_is_forgotten() {
+        let mut state = state();
+        let mut foreign = observed_secret(None, None, false);
+        foreign.name = "someone-elses".into();
+        state.apply(&BindingEvent::SecretObserved(foreign), at(0));
+        assert_eq!(state.secret, SecretState::NotOwned);
+
+        state.apply(&spec_event("default"), at(1));
+
+        assert_eq!(state.secret, SecretState::Unknown);
+        assert_eq!(state.secret_name.as_deref(), Some("app-msi-acrpull-secret"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::spec::InvalidSpec;
 use crate::state::{BindingState, ReferenceState, SecretState};
 use crate::write::{ClusterWrite, CoalesceKey, Notice, ReadyCondition, StatusUpdate};
 
-/// Ready reason when the Secret holds a fresh token and the ServiceAccount lists it.
+/// Ready reason when the Secret contains a fresh token and the ServiceAccount lists it.
 pub const REASON_TOKEN_REFRESHED: &str = "TokenRefreshed";
 /// Ready reason when the last token request failed.
 pub const REASON_TOKEN_REFRESH_FAILED: &str = "TokenRefreshFailed";
@@ -172,7 +172,7 @@ fn describe_object(write: &ClusterWrite) -> String {
     }
 }
 
-/// Returns the status times: from the held token once a Secret holds it, else as last
+/// Returns the status times: from the held token once a Secret contains it, else as last
 /// observed. After a restart the held token is the one adopted from the Secret, so the times
 /// come from its annotations. A token whose Secret write has not succeeded yet is not shown.
 fn status_times(state: &BindingState) -> (Option<Timestamp>, Option<Timestamp>) {
@@ -284,11 +284,14 @@ mod tests {
         state
     }
 
+    type Setup = fn(&mut BindingState);
+    /// A case name, how to change the ready state, and the expected `(ready, reason)`.
+    type StatusCase = (&'static str, Setup, Option<(bool, &'static str)>);
+
     #[test]
     fn desired_status_table() {
         let policy = RefreshPolicy::default();
-        type Setup = fn(&mut BindingState);
-        let cases: [(&str, Setup, Option<(bool, &str)>); 8] = [
+        let cases: [StatusCase; 8] = [
             ("ready", |_| {}, Some((true, REASON_TOKEN_REFRESHED))),
             (
                 "account missing",

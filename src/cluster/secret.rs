@@ -23,7 +23,7 @@ use crate::azure::jwt;
 /// Secret type for registry credentials.
 pub const DOCKER_CONFIG_JSON_TYPE: &str = "kubernetes.io/dockerconfigjson";
 
-/// Data key that holds the registry credentials.
+/// Data key that contains the registry credentials.
 pub const DOCKER_CONFIG_JSON_KEY: &str = ".dockerconfigjson";
 
 /// Renders the Secret for server-side apply.

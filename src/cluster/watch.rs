@@ -33,7 +33,7 @@ use super::secret;
 use super::writer::BindingDirectory;
 use crate::crd::v1beta1::{AcrPullBinding, AcrPullBindingStatus};
 
-/// Where binding events go; implemented by the actor system.
+/// Destination of binding events, implemented by the actor system.
 pub trait EventSink: Clone + Send + 'static {
     /// Delivers one event to the binding `key`.
     fn deliver(&self, key: BindingKey, event: BindingEvent);
@@ -46,13 +46,13 @@ pub struct WatchConfig {
     pub binding_selector: Option<String>,
     /// Defaults applied to empty spec fields.
     pub defaults: Defaults,
-    /// Which registries a binding may name.
+    /// Registries a binding may name.
     pub policy: RegistryPolicy,
     /// Page size of the initial lists, bounding the memory a relist needs.
     pub page_size: u32,
 }
 
-/// What the watches know about the bindings they have seen. Each map has one entry per
+/// Index of the bindings the watches have seen. Each map has one entry per
 /// binding, never one per Secret or ServiceAccount in the cluster.
 #[derive(Default)]
 struct Index {
@@ -67,7 +67,7 @@ struct Index {
 /// Runs the three watches until the process stops.
 ///
 /// The Secret watch completes its first list before the binding watch starts, so that after
-/// a restart every binding actor sees its existing Secret before its spec and can decide that
+/// a restart every binding actor receives its existing Secret before its spec and can decide that
 /// no new token is needed.
 pub async fn run<S: EventSink>(client: Client, config: WatchConfig, directory: BindingDirectory, sink: S, ready: watch::Sender<bool>) {
     let index = Arc::new(Index::default());

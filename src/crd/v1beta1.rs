@@ -50,7 +50,7 @@ pub struct AcrPullBindingSpec {
     pub managed_identity_client_id: Option<String>,
 
     /// Space-separated registry scopes, for example `repository:myapp:pull`. When set, the
-    /// Secret holds an access token limited to these scopes; when empty, it holds the
+    /// Secret contains an access token limited to these scopes. When empty, it contains the
     /// registry refresh token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]

@@ -1,5 +1,6 @@
 //! A throwaway public key infrastructure for tests: a certificate authority that issues server
-//! and client certificates, and the key pair that kube-apiserver signs ServiceAccount tokens with.
+//! and client certificates, and the key pair that kube-apiserver signs `ServiceAccount` tokens
+//! with.
 //!
 //! Every key is ECDSA P-256 and every certificate is valid from 1975 to 4096 (the `rcgen`
 //! defaults), so nothing expires during a test run. Nothing here is fit for production use.
@@ -40,7 +41,7 @@ pub struct CertFiles {
     pub key_path: PathBuf,
 }
 
-/// The key pair that kube-apiserver signs ServiceAccount tokens with.
+/// The key pair that kube-apiserver signs `ServiceAccount` tokens with.
 ///
 /// Pass the private key to `--service-account-signing-key-file` (kube-apiserver) and
 /// `--service-account-private-key-file` (kube-controller-manager), and the public key to
@@ -105,9 +106,10 @@ impl TestCa {
             bail!("a server certificate needs at least one DNS name or IP address");
         }
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, dns_names.first().copied().unwrap_or("localhost"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            dns_names.first().copied().unwrap_or("localhost"),
+        );
         for name in dns_names {
             let ia5 = (*name)
                 .try_into()
@@ -142,8 +144,9 @@ impl TestCa {
         // certificate can carry at most one organization (one Kubernetes group).
         if organizations.len() > 1 {
             bail!(
-                "a test client certificate can carry at most one organization, got {organizations:?}; \
-                 bind the user to extra groups' roles with RBAC instead"
+                "a test client certificate can carry at most one organization, got \
+                 {organizations:?}. Grant the user the other groups' permissions with RBAC \
+                 bindings instead"
             );
         }
         let mut params = CertificateParams::default();
@@ -292,8 +295,14 @@ mod tests {
     #[test]
     fn service_account_keys_are_pem() {
         let keys = ServiceAccountKeys::generate().unwrap();
-        assert!(keys.private_key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
-        assert!(keys.public_key_pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+        assert!(
+            keys.private_key_pem
+                .starts_with("-----BEGIN PRIVATE KEY-----")
+        );
+        assert!(
+            keys.public_key_pem
+                .starts_with("-----BEGIN PUBLIC KEY-----")
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::support::*;
 
-/// Azure answers with `failure`: the error shows in status, the old Secret stays untouched,
+/// Azure returns `failure`: the error shows in status, the old Secret stays untouched,
 /// retries back off, and the error clears once Azure recovers.
 async fn azure_failure_keeps_secret(prefix: &str, failure: Failure, fragment: &str) {
     let harness = Harness::start_with(prefix, azure_with_lifetime(Duration::from_secs(20)), Vec::new()).await;
@@ -138,7 +138,7 @@ async fn bad_input_reports_without_azure_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn restart_with_valid_secrets_makes_no_calls_or_writes() {
+async fn restart_makes_no_calls_or_writes() {
     let mut harness = Harness::start("restart").await;
     for name in ["one", "two", "three"] {
         let mut scoped = spec();

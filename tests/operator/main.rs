@@ -2,7 +2,7 @@
 //! kube-controller-manager and etcd, with Azure faked on loopback.
 //!
 //! Each test runs its own operator process, which serves only the bindings labelled for that
-//! test, in the test's own namespace; the control plane is shared by the whole binary.
+//! test in the test's own namespace. The control plane is shared by the whole binary.
 
 mod faults;
 mod lifecycle;

@@ -352,8 +352,8 @@ impl Operator {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it makes the
-        // kernel kill the operator when the test process exits, even after a panic.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It makes the
+        // kernel kill the operator when the spawning thread exits, even after a panic.
         unsafe {
             command.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

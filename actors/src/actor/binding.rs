@@ -1,7 +1,7 @@
 //! The actor that owns one binding: its state, its journal and its single timer.
 //!
-//! It performs no I/O itself. Each event goes through [`step`]; the resulting commands go to
-//! the token broker, the writer, or the binding's own timer.
+//! It performs no I/O itself. Each event goes through [`step`], and the resulting commands go
+//! to the token broker, the writer, or the binding's own timer.
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, MessageResult, Recipient, SpawnHandle};
 use jiff::Timestamp;
@@ -19,12 +19,12 @@ use crate::model::BindingKey;
 use crate::state::BindingState;
 use crate::write::{ClusterWrite, WriteRequest};
 
-/// What every binding actor shares: policies, clock and where commands go.
+/// The policies, clock and command recipients that every binding actor shares.
 #[derive(Clone)]
 pub struct BindingContext {
     /// The state machine's policies.
     pub decide: DecideConfig,
-    /// Where the actor reads the time.
+    /// The time source.
     pub clock: Clock,
     /// Entries each binding's journal keeps.
     pub journal_capacity: usize,
@@ -32,17 +32,18 @@ pub struct BindingContext {
     pub broker: Recipient<IssueToken>,
     /// The writer.
     pub writer: Recipient<SubmitWrite>,
-    /// The registry, told when the actor stops.
+    /// The registry, notified when the actor stops.
     pub registry: Recipient<BindingStopped>,
 }
 
-/// Sent to the registry when a binding actor stops, so that it forgets the address.
+/// Sent to the registry when a binding actor stops, so that it removes the address.
 #[derive(Message, Clone, Debug)]
 #[rtype(result = "()")]
 pub struct BindingStopped {
     /// The binding whose actor stopped.
     pub key: BindingKey,
-    /// Which actor for that binding stopped; a newer one for the same key stays registered.
+    /// Sequence number of the stopped actor, so that a newer actor for the same key stays
+    /// registered.
     pub incarnation: u64,
 }
 
@@ -77,8 +78,8 @@ pub struct BindingActor {
 }
 
 impl BindingActor {
-    /// Creates the actor for `key`; `incarnation` tells it apart from earlier actors of the
-    /// same key.
+    /// Creates the actor for `key`. The `incarnation` number distinguishes it from earlier
+    /// actors of the same key.
     #[must_use]
     pub fn new(key: BindingKey, incarnation: u64, context: BindingContext) -> Self {
         let span = info_span!("binding", namespace = %key.namespace, name = %key.name);

@@ -34,8 +34,8 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             max_concurrent: 16,
-            request_timeout: Duration::from_secs(120),
-            cache_sweep_interval: Duration::from_secs(60),
+            request_timeout: Duration::from_mins(2),
+            cache_sweep_interval: Duration::from_mins(1),
         }
     }
 }
@@ -74,7 +74,7 @@ impl BrokerConfig {
 pub struct BrokerStats {
     /// Requests received from bindings.
     pub requests: AtomicU64,
-    /// Requests answered from the cache.
+    /// Requests served from the cache.
     pub cache_hits: AtomicU64,
     /// Requests that joined a call already in flight for the same inputs.
     pub joined: AtomicU64,
@@ -84,20 +84,20 @@ pub struct BrokerStats {
     pub source_failures: AtomicU64,
 }
 
-/// A binding's request for a token; answered with `TokenIssued` or `TokenFailed` through the
-/// registry.
+/// A binding's request for a token. The broker replies with `TokenIssued` or `TokenFailed`
+/// through the registry.
 #[derive(Message, Clone, Debug)]
 #[rtype(result = "()")]
 pub struct IssueToken {
-    /// The binding to answer.
+    /// The binding to reply to.
     pub key: BindingKey,
-    /// Echoed back in the answer.
+    /// Echoed back in the reply.
     pub inputs_hash: InputsHash,
-    /// What to mint a token for.
+    /// The registry, identity and scope of the token.
     pub request: TokenRequest,
 }
 
-/// Stops the broker; calls in flight are abandoned and their waiters get no answer.
+/// Stops the broker. Calls in flight are abandoned, and their waiters get no reply.
 #[derive(Message, Clone, Copy, Debug)]
 #[rtype(result = "()")]
 pub struct StopBroker;
@@ -126,7 +126,7 @@ pub struct TokenBroker {
 }
 
 impl TokenBroker {
-    /// Creates a broker over `source` that answers through `reply`.
+    /// Creates a broker over `source` that replies through `reply`.
     #[must_use]
     pub fn new(
         source: Arc<dyn TokenSource>,
@@ -163,16 +163,16 @@ impl TokenBroker {
             let future = wrap_future::<_, Self>(async move { tokio::time::timeout(timeout, call).await });
             ctx.spawn(future.map(move |result, broker, ctx| {
                 let result = result.unwrap_or_else(|_| Err(timed_out(&request, timeout)));
-                broker.finish_call(request, result, ctx);
+                broker.finish_call(&request, &result, ctx);
             }));
         }
     }
 
-    fn finish_call(&mut self, request: TokenRequest, result: Result<IssuedToken, TokenError>, ctx: &mut Context<Self>) {
+    fn finish_call(&mut self, request: &TokenRequest, result: &Result<IssuedToken, TokenError>, ctx: &mut Context<Self>) {
         self.running -= 1;
-        let waiters = self.waiters.remove(&request).unwrap_or_default();
+        let waiters = self.waiters.remove(request).unwrap_or_default();
 
-        match &result {
+        match result {
             Ok(token) => {
                 debug!(registry = %request.acr_server, identity = %request.identity, waiters = waiters.len(), "token issued");
                 if self.refresh.is_fresh(token, self.clock.now()) {
@@ -192,7 +192,7 @@ impl TokenBroker {
         }
 
         for waiter in waiters {
-            let event = match &result {
+            let event = match result {
                 Ok(token) => BindingEvent::TokenIssued {
                     inputs_hash: waiter.inputs_hash,
                     token: token.clone(),
@@ -262,16 +262,13 @@ impl Handler<IssueToken> for TokenBroker {
             key: message.key,
             inputs_hash: message.inputs_hash,
         };
-        match self.waiters.get_mut(&message.request) {
-            Some(waiting) => {
-                self.stats.joined.fetch_add(1, Ordering::Relaxed);
-                waiting.push(waiter);
-            }
-            None => {
-                self.waiters.insert(message.request.clone(), vec![waiter]);
-                self.queue.push_back(message.request);
-                self.start_calls(ctx);
-            }
+        if let Some(waiting) = self.waiters.get_mut(&message.request) {
+            self.stats.joined.fetch_add(1, Ordering::Relaxed);
+            waiting.push(waiter);
+        } else {
+            self.waiters.insert(message.request.clone(), vec![waiter]);
+            self.queue.push_back(message.request);
+            self.start_calls(ctx);
         }
     }
 }

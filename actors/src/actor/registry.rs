@@ -27,7 +27,8 @@ pub struct RegistryStats {
     pub events_dropped: AtomicU64,
 }
 
-/// Asks the registry for a binding's snapshot; `None` when the binding has no actor.
+/// Requests a binding's snapshot from the registry, which returns `None` when the binding has
+/// no actor.
 #[derive(Message, Clone, Debug)]
 #[rtype(result = "Option<BindingSnapshot>")]
 pub struct InspectBinding {
@@ -41,12 +42,12 @@ pub struct InspectBinding {
 #[rtype(result = "usize")]
 pub struct StopBindings;
 
-/// Starts, addresses and forgets binding actors.
+/// Starts binding actors, routes events to them, and removes them when they stop.
 ///
 /// An actor starts on the first `SpecObserved` or `DeletionRequested` for its key. Other
 /// events for a key without an actor are dropped, except Secret observations: the latest one
 /// per key is kept and delivered right before the event that starts the actor. So when the
-/// Secrets are listed before the bindings, a restarted binding sees its Secret before it
+/// Secrets are listed before the bindings, a restarted binding receives its Secret before it
 /// decides anything, and adopts the stored token instead of requesting one.
 pub struct Registry {
     bindings: HashMap<BindingKey, (Addr<BindingActor>, u64)>,
@@ -91,8 +92,8 @@ impl Registry {
     fn deliver(&mut self, key: BindingKey, event: BindingEvent) {
         if let Some((address, _)) = self.bindings.get(&key) {
             let address = address.clone();
-            // Forget the actor as soon as its binding is removed, so that a binding created
-            // again under the same name gets a new actor instead of the stopping one.
+            // Remove the actor from the map as soon as its binding is removed, so that a binding
+            // created again under the same name gets a new actor instead of the stopping one.
             if matches!(event, BindingEvent::BindingRemoved) {
                 self.bindings.remove(&key);
                 self.pending_secrets.remove(&key);

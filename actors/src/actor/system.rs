@@ -1,7 +1,7 @@
 //! The actor system as one value: what the Kubernetes and Azure adapters call.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix::{Actor, Addr, AsyncContext, Context};
 use tracing::info;
@@ -28,7 +28,7 @@ pub struct SystemConfig {
     pub writer: WriterConfig,
     /// Concurrency and timeout of the token broker.
     pub broker: BrokerConfig,
-    /// Where the actors read the time: [`Clock::System`] in production.
+    /// The time source of the actors: [`Clock::System`] in production.
     pub clock: Clock,
     /// Entries each binding's journal keeps. Default 32.
     pub journal_capacity: usize,
@@ -58,7 +58,7 @@ impl SystemConfig {
     }
 }
 
-/// Why an event could not be delivered.
+/// The reason an event could not be delivered.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DeliverError {
     /// The system was shut down.
@@ -84,7 +84,7 @@ pub struct SystemStats {
     pub events_dropped: u64,
     /// Token requests from bindings.
     pub token_requests: u64,
-    /// Token requests answered from the cache.
+    /// Token requests served from the cache.
     pub token_cache_hits: u64,
     /// Token requests that joined a call in flight.
     pub token_requests_joined: u64,
@@ -108,7 +108,7 @@ pub struct SystemStats {
     pub writes_in_flight: usize,
 }
 
-/// What shutdown stopped and dropped.
+/// The actors stopped and the writes dropped at shutdown.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
     /// Binding actors stopped.
@@ -119,7 +119,7 @@ pub struct ShutdownReport {
 
 /// The running actor system: registry, binding actors, token broker and writer.
 ///
-/// Cloning is cheap; every clone addresses the same actors.
+/// Cloning is cheap, and every clone addresses the same actors.
 #[derive(Clone)]
 pub struct ActorSystem {
     registry: Addr<Registry>,
@@ -128,6 +128,7 @@ pub struct ActorSystem {
     registry_stats: Arc<RegistryStats>,
     broker_stats: Arc<BrokerStats>,
     writer_stats: Arc<WriterStats>,
+    shut_down: Arc<AtomicBool>,
 }
 
 impl ActorSystem {
@@ -150,7 +151,7 @@ impl ActorSystem {
         let broker_stats = Arc::new(BrokerStats::default());
         let writer_stats = Arc::new(WriterStats::default());
 
-        // The broker and the writer answer through the registry, and the registry hands their
+        // The broker and the writer reply through the registry, and the registry hands their
         // addresses to every binding actor, so the registry's address comes first.
         let registry_context = Context::<Registry>::new();
         let registry_address = registry_context.address();
@@ -195,11 +196,15 @@ impl ActorSystem {
             registry_stats,
             broker_stats,
             writer_stats,
+            shut_down: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// Sends an event to a binding without waiting. After shutdown the event is dropped.
     pub fn deliver(&self, key: BindingKey, event: BindingEvent) {
+        if self.shut_down.load(Ordering::Acquire) {
+            return;
+        }
         self.registry.do_send(Deliver { key, event });
     }
 
@@ -209,6 +214,9 @@ impl ActorSystem {
     /// # Errors
     /// Returns [`DeliverError::Stopped`] after shutdown.
     pub async fn deliver_async(&self, key: BindingKey, event: BindingEvent) -> Result<(), DeliverError> {
+        if self.shut_down.load(Ordering::Acquire) {
+            return Err(DeliverError::Stopped { key });
+        }
         self.registry
             .send(Deliver {
                 key: key.clone(),
@@ -259,6 +267,7 @@ impl ActorSystem {
     /// Stops the binding actors, drains the writer for up to its drain timeout, then stops
     /// the broker. Events delivered afterwards are dropped.
     pub async fn shutdown(&self) -> ShutdownReport {
+        self.shut_down.store(true, Ordering::Release);
         let bindings_stopped = self.registry.send(StopBindings).await.unwrap_or(0);
         let writer = self.writer.send(Drain).await.unwrap_or_default();
         self.broker.do_send(crate::actor::broker::StopBroker);

@@ -1,8 +1,8 @@
 //! The writer: the only actor that writes to the API server.
 //!
 //! Writes are queued per object. A newer write for an object that is still queued replaces the
-//! older one (coalescing), and a write for an object with a write in flight waits for it, so
-//! that writes to one object never overlap and keep their order. Urgent writes (finalizer,
+//! older one (coalescing). A write for an object with a write in flight waits for it, so writes
+//! to one object never overlap and keep their order. Urgent writes (finalizer,
 //! Secret, references) go before status updates and Events. A token bucket limits the rate,
 //! and a bound limits the writes in flight.
 
@@ -72,7 +72,8 @@ impl Default for WriterConfig {
 }
 
 impl WriterConfig {
-    /// Checks that the rate, burst, bounds and timeouts are above zero.
+    /// Checks that the rate, burst, bounds and write timeout are above zero, and checks the
+    /// backoff policy.
     ///
     /// # Errors
     /// Returns a [`ConfigError`] naming the first invalid field.
@@ -135,7 +136,7 @@ pub struct SubmitWrite(pub WriteRequest);
 #[rtype(result = "DrainReport")]
 pub struct Drain;
 
-/// What shutdown left behind.
+/// The writer's totals at shutdown, and the writes it dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DrainReport {
     /// Writes applied over the writer's lifetime.
@@ -260,8 +261,8 @@ impl WriterActor {
             let promote = urgent && !entry.urgent;
             entry.urgent |= urgent;
 
-            // A queued entry keeps its place unless it moves up to the urgent queue; a delayed
-            // one is new work and goes back into a queue now.
+            // A queued entry keeps its place unless it moves up to the urgent queue. A delayed
+            // entry is new work, so it goes back into a queue now.
             let requeue = match entry.state {
                 EntryState::Queued => promote,
                 EntryState::Delayed => true,
@@ -535,7 +536,7 @@ impl Handler<Drain> for WriterActor {
                 in_flight = self.in_flight.len(),
                 "writer stopped accepting writes, draining"
             );
-            ctx.run_later(self.config.drain_timeout, |writer, ctx| writer.abandon(ctx));
+            ctx.run_later(self.config.drain_timeout, WriterActor::abandon);
         }
         self.finish_drain_if_idle(ctx);
 

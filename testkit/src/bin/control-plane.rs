@@ -79,7 +79,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         }
     };
 
-    // Removing the marker first tells waiting scripts that the cluster is going away.
+    // The marker goes first, so waiting scripts see that the cluster is going away.
     let _ = fs::remove_file(&ready_path);
     match outcome {
         Ok(signal_name) => {

@@ -18,11 +18,11 @@ pub const TEST_NAMESPACE_LABEL: &str = "acrpull.test/namespace";
 /// characters, and the API server appends `-` and 5 random characters.
 const MAX_PREFIX_LEN: usize = 57;
 
-/// How long to wait for the `default` ServiceAccount of a new namespace.
-const SERVICE_ACCOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for the `default` `ServiceAccount` of a new namespace.
+const SERVICE_ACCOUNT_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// How long [`TestNamespace::cleanup`] waits for the namespace to be gone.
-const DELETION_TIMEOUT: Duration = Duration::from_secs(60);
+const DELETION_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// A uniquely named namespace for one test.
 ///
@@ -36,13 +36,13 @@ pub struct TestNamespace {
 
 impl ControlPlane {
     /// Creates a namespace named `<prefix>-<5 random characters>` and waits until its `default`
-    /// ServiceAccount exists, so that Pods can be created in it right away.
+    /// `ServiceAccount` exists, so that Pods can be created in it right away.
     ///
     /// Must be called inside a Tokio runtime.
     ///
     /// # Errors
     /// Fails if `prefix` is not a valid start of a DNS label, if the namespace cannot be
-    /// created, or if the `default` ServiceAccount does not appear within 60 s (which means
+    /// created, or if the `default` `ServiceAccount` does not appear within 60 s (which means
     /// kube-controller-manager is not running).
     pub async fn namespace(&self, prefix: &str) -> anyhow::Result<TestNamespace> {
         validate_prefix(prefix)?;
@@ -103,15 +103,23 @@ impl TestNamespace {
     /// Fails if the delete request fails or the namespace still exists after 60 s (which
     /// usually means kube-controller-manager is not running or a finalizer is stuck).
     pub async fn cleanup(mut self) -> anyhow::Result<()> {
-        // Whatever happens below, dropping `self` must not send a second delete request.
+        // Set first, so that dropping `self` on any path below sends no second delete request.
         self.deleted = true;
         let client = kube::Client::try_from(self.config.clone())
             .context("failed to build a Kubernetes client from the control plane config")?;
         let namespaces: Api<Namespace> = Api::all(client);
-        namespaces
+        match namespaces
             .delete(&self.name, &DeleteParams::default())
             .await
-            .with_context(|| format!("failed to delete namespace {}", self.name))?;
+        {
+            Ok(_) => {}
+            // A test may have deleted the namespace itself.
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+            Err(error) => {
+                return Err(error)
+                    .with_context(|| format!("failed to delete namespace {}", self.name));
+            }
+        }
         poll_until(
             &format!("deletion of namespace {}", self.name),
             DELETION_TIMEOUT,
@@ -136,7 +144,11 @@ impl Drop for TestNamespace {
         let config = self.config.clone();
         let request = std::thread::spawn(move || delete_blocking(&name, config));
         if let Ok(Err(error)) = request.join() {
-            tracing::warn!(namespace = %self.name, error = format!("{error:#}"), "failed to delete test namespace");
+            tracing::warn!(
+                namespace = %self.name,
+                error = format!("{error:#}"),
+                "failed to delete test namespace"
+            );
         }
     }
 }
@@ -183,11 +195,27 @@ mod tests {
 
     #[test]
     fn prefix_validation() {
-        for valid in ["a", "smoke", "gc-cascade", "t1", &"x".repeat(MAX_PREFIX_LEN)] {
+        for valid in [
+            "a",
+            "smoke",
+            "gc-cascade",
+            "t1",
+            &"x".repeat(MAX_PREFIX_LEN),
+        ] {
             assert!(validate_prefix(valid).is_ok(), "{valid:?} should be valid");
         }
-        for invalid in ["", "Upper", "-lead", "under_score", "dot.ted", &"x".repeat(MAX_PREFIX_LEN + 1)] {
-            assert!(validate_prefix(invalid).is_err(), "{invalid:?} should be invalid");
+        for invalid in [
+            "",
+            "Upper",
+            "-lead",
+            "under_score",
+            "dot.ted",
+            &"x".repeat(MAX_PREFIX_LEN + 1),
+        ] {
+            assert!(
+                validate_prefix(invalid).is_err(),
+                "{invalid:?} should be invalid"
+            );
         }
     }
 }

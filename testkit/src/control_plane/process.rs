@@ -76,7 +76,10 @@ impl Component {
         command
             .args(&self.args)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().context("failed to duplicate the log file handle")?)
+            .stdout(
+                log.try_clone()
+                    .context("failed to duplicate the log file handle")?,
+            )
             .stderr(log)
             // A separate process group keeps a terminal's Ctrl-C away from the components, so
             // their owner decides the shutdown order.
@@ -126,7 +129,12 @@ impl Component {
         // an unrelated process.
         if unsafe { libc::kill(pid, libc::SIGTERM) } == -1 {
             let error = io::Error::last_os_error();
-            tracing::warn!(component = self.name, pid, %error, "failed to send SIGTERM, sending SIGKILL");
+            tracing::warn!(
+                component = self.name,
+                pid,
+                %error,
+                "failed to send SIGTERM, sending SIGKILL"
+            );
             return Ok(());
         }
 
@@ -134,7 +142,12 @@ impl Component {
         while Instant::now() < deadline {
             match child.0.try_wait() {
                 Ok(Some(status)) => {
-                    tracing::info!(component = self.name, pid, %status, "stopped control plane component");
+                    tracing::info!(
+                        component = self.name,
+                        pid,
+                        %status,
+                        "stopped control plane component"
+                    );
                     return Ok(());
                 }
                 Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -232,7 +245,7 @@ fn spawn_tied_to_this_process(mut command: Command) -> io::Result<Child> {
             .name("control-plane-spawner".to_owned())
             .spawn(move || {
                 for (mut command, reply) in receiver {
-                    // The requester may have given up, and then nobody needs the result.
+                    // The requester may have stopped waiting, and then the result is unused.
                     let _ = reply.send(command.spawn());
                 }
             })
@@ -268,7 +281,10 @@ mod tests {
         let component = sleeper(dir.path());
         component.spawn().unwrap();
         assert!(component.is_running());
-        assert!(component.spawn().is_err(), "a second spawn must be rejected");
+        assert!(
+            component.spawn().is_err(),
+            "a second spawn must be rejected"
+        );
 
         component.stop(Duration::from_secs(5)).await.unwrap();
         assert!(!component.is_running());
@@ -279,7 +295,11 @@ mod tests {
         assert!(!component.is_running());
 
         let log = fs::read_to_string(component.log_path()).unwrap();
-        assert_eq!(log.matches("==== acrpull-testkit starts: /bin/sleep 300").count(), 2);
+        assert_eq!(
+            log.matches("==== acrpull-testkit starts: /bin/sleep 300")
+                .count(),
+            2
+        );
     }
 
     #[tokio::test]
@@ -288,7 +308,10 @@ mod tests {
         let component = Component::new(
             "false",
             PathBuf::from("/bin/sh"),
-            vec![OsString::from("-c"), OsString::from("echo broken flag; exit 3")],
+            vec![
+                OsString::from("-c"),
+                OsString::from("echo broken flag; exit 3"),
+            ],
             dir.path().join("false.log"),
         );
         component.spawn().unwrap();
