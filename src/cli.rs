@@ -29,7 +29,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the controller (the default).
     Run,
-    /// Print the CustomResourceDefinitions as YAML, as committed in deploy/latest/crd.yaml.
+    /// Print the `CustomResourceDefinitions` as YAML, as committed in deploy/latest/crd.yaml.
     Crd,
 }
 
@@ -164,8 +164,8 @@ mod tests {
 
     #[test]
     fn durations_parse_friendly_units() {
-        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_mins(30)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_mins(90)));
         assert!(parse_duration("-5m").is_err());
         assert!(parse_duration("soon").is_err());
     }

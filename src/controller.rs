@@ -28,6 +28,9 @@ const LIST_PAGE_SIZE: u32 = 500;
 /// # Errors
 /// Returns an error when the Kubernetes client, the Azure clients or the health endpoint
 /// cannot be set up.
+///
+/// # Panics
+/// Panics when the Tokio runtime cannot be built (the operating system refused threads).
 pub fn run(args: &ControllerArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
     install_crypto_provider();

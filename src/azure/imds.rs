@@ -1,6 +1,6 @@
-//! An azure_core transport that sends metadata-service requests to a configurable endpoint.
+//! An `azure_core` transport that sends metadata-service requests to a configurable endpoint.
 //!
-//! azure_identity 1.0 has the IMDS address `http://169.254.169.254` as a constant with no
+//! `azure_identity` 1.0 has the IMDS address `http://169.254.169.254` as a constant with no
 //! override, but lets callers inject the HTTP transport. This transport rewrites that address
 //! to the configured one, so tests and the demo reach a fake on loopback.
 
@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use azure_core::http::{AsyncRawResponse, HttpClient, Request};
 
-/// The host that azure_identity's managed identity credential always addresses.
+/// The host that the `azure_identity` managed identity credential always addresses.
 const BUILT_IN_IMDS_HOST: &str = "169.254.169.254";
 
 /// Wraps a transport and redirects metadata-service requests to `endpoint`.

@@ -1,6 +1,6 @@
 //! The Azure adapter: turns a token request into a registry token.
 //!
-//! Managed identity token from the metadata service (through azure_identity), then the
+//! Managed identity token from the metadata service (through `azure_identity`), then the
 //! registry's `/oauth2/exchange`, then `/oauth2/token` when the binding has a scope.
 
 pub mod acr;
@@ -36,9 +36,9 @@ struct Inner {
     endpoints: AzureEndpoints,
     /// Client for registry requests (address override applied).
     registry: reqwest::Client,
-    /// Transport for azure_identity, redirecting the metadata service.
+    /// Transport for `azure_identity`, redirecting the metadata service.
     transport: Arc<RedirectingTransport>,
-    /// One credential per identity, so that azure_identity's token cache is reused.
+    /// One credential per identity, so that the token cache of `azure_identity` is reused.
     credentials: DashMap<Identity, Arc<ManagedIdentityCredential>>,
 }
 
@@ -76,7 +76,6 @@ impl AzureTokenSource {
                 transport: Some(Transport::new(self.inner.transport.clone())),
                 ..ClientOptions::default()
             },
-            ..ManagedIdentityCredentialOptions::default()
         };
         let credential = ManagedIdentityCredential::new(Some(options)).map_err(|error| TokenError {
             message: format!("failed to set up the managed identity credential for {identity}: {error}"),

@@ -34,13 +34,18 @@ const MAX_LABEL_VALUE_LEN: usize = 63;
 /// Returns the [`BINDING_LABEL`] value for a binding name.
 #[must_use]
 pub fn binding_label_value(binding: &str) -> String {
+    use std::fmt::Write as _;
+
     use sha2::{Digest, Sha256};
 
     if binding.len() <= MAX_LABEL_VALUE_LEN {
         return binding.to_owned();
     }
     let digest = Sha256::digest(binding.as_bytes());
-    let hex: String = digest[..8].iter().map(|byte| format!("{byte:02x}")).collect();
+    let hex = digest[..8].iter().fold(String::new(), |mut out, byte| {
+        let _ = write!(out, "{byte:02x}");
+        out
+    });
     let keep = MAX_LABEL_VALUE_LEN - hex.len() - 1;
     let prefix = binding[..keep].trim_end_matches(['-', '.']);
     format!("{prefix}-{hex}")

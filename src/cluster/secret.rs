@@ -94,10 +94,10 @@ pub fn observe(secret: &Secret, owner_uid: Option<&str>, server: Option<&str>, n
 fn read_token(secret: &Secret, server: Option<&str>, now: Timestamp) -> Option<IssuedToken> {
     #[derive(Deserialize)]
     struct DockerConfig {
-        auths: BTreeMap<String, Auth>,
+        auths: BTreeMap<String, AuthEntry>,
     }
     #[derive(Deserialize)]
-    struct Auth {
+    struct AuthEntry {
         username: Option<String>,
         password: Option<String>,
         auth: Option<String>,

@@ -270,7 +270,7 @@ fn classify(key: &BindingKey, write: &ClusterWrite, error: &kube::Error) -> Writ
                 status
                     .details
                     .as_ref()
-                    .and_then(|details| u64::try_from(details.retry_after_seconds).ok())
+                    .map(|details| u64::from(details.retry_after_seconds))
                     .filter(|seconds| *seconds > 0)
                     .map(std::time::Duration::from_secs),
             ),

@@ -32,7 +32,7 @@ use acrpull_actors::spec::RawSpec;
 #[serde(rename_all = "camelCase")]
 pub struct AcrPullBindingSpec {
     /// Login server of the registry, for example `myregistry.azurecr.io`. Defaults to the
-    /// controller's ACR_SERVER setting.
+    /// controller's `ACR_SERVER` setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub acr_server: Option<String>,

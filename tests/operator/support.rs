@@ -31,7 +31,7 @@ pub const RESOURCE_ID: &str = "/subscriptions/00000000-0000-0000-0000-0000000000
 pub const REGISTRY: &str = "demo.azurecr.io";
 
 /// Default time to wait for the operator to converge.
-pub const CONVERGE: Duration = Duration::from_secs(60);
+pub const CONVERGE: Duration = Duration::from_mins(1);
 
 static CRDS: OnceCell<()> = OnceCell::const_new();
 
