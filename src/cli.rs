@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::azure::endpoints::{DEFAULT_ARM_RESOURCE, DEFAULT_ENTRA_AUTHORITY_HOST, DEFAULT_IMDS_ENDPOINT};
+use crate::azure::endpoints::{
+    DEFAULT_ARM_RESOURCE, DEFAULT_ENTRA_AUTHORITY_HOST, DEFAULT_IMDS_ENDPOINT,
+};
 
 /// Keeps Azure Container Registry pull secrets fresh for AcrPullBindings.
 ///
@@ -70,12 +72,18 @@ pub struct ControllerArgs {
     pub default_acr_server: Option<String>,
 
     /// Managed identity resource ID used when a binding names no identity.
-    #[arg(long = "default-managed-identity-resource-id", env = "MANAGED_IDENTITY_RESOURCE_ID")]
+    #[arg(
+        long = "default-managed-identity-resource-id",
+        env = "MANAGED_IDENTITY_RESOURCE_ID"
+    )]
     pub default_managed_identity_resource_id: Option<String>,
 
     /// Managed identity client ID used when a binding names no identity; wins over the
     /// default resource ID.
-    #[arg(long = "default-managed-identity-client-id", env = "MANAGED_IDENTITY_CLIENT_ID")]
+    #[arg(
+        long = "default-managed-identity-client-id",
+        env = "MANAGED_IDENTITY_CLIENT_ID"
+    )]
     pub default_managed_identity_client_id: Option<String>,
 
     /// Comma-separated host name suffixes that spec.acrServer must end with; tokens are never
@@ -138,10 +146,11 @@ pub enum LogFormat {
 
 /// Parses a duration such as `30m`, `90s` or `1h30m`.
 fn parse_duration(value: &str) -> Result<Duration, String> {
-    let parsed: jiff::SignedDuration = value
-        .parse()
-        .map_err(|error| format!("invalid duration {value:?} ({error}); use a value such as 30s, 15m or 1h"))?;
-    Duration::try_from(parsed).map_err(|_| format!("invalid duration {value:?}: it must not be negative"))
+    let parsed: jiff::SignedDuration = value.parse().map_err(|error| {
+        format!("invalid duration {value:?} ({error}); use a value such as 30s, 15m or 1h")
+    })?;
+    Duration::try_from(parsed)
+        .map_err(|_| format!("invalid duration {value:?}: it must not be negative"))
 }
 
 #[cfg(test)]
@@ -157,7 +166,12 @@ mod tests {
 
     #[test]
     fn original_deployment_arguments_are_accepted() {
-        let cli = Cli::try_parse_from(["acrpull", "--metrics-addr=127.0.0.1:8080", "--enable-leader-election"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "acrpull",
+            "--metrics-addr=127.0.0.1:8080",
+            "--enable-leader-election",
+        ])
+        .unwrap();
         assert!(cli.command.is_none());
         assert!(cli.controller.enable_leader_election);
     }
@@ -173,7 +187,10 @@ mod tests {
     #[test]
     fn production_defaults_are_azure() {
         let cli = Cli::try_parse_from(["acrpull"]).unwrap();
-        assert_eq!(cli.controller.azure.imds_endpoint.as_str(), "http://169.254.169.254/");
+        assert_eq!(
+            cli.controller.azure.imds_endpoint.as_str(),
+            "http://169.254.169.254/"
+        );
         assert_eq!(cli.controller.azure.acr_address, None);
         assert_eq!(cli.controller.allowed_acr_server_suffixes.len(), 3);
     }

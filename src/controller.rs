@@ -47,9 +47,9 @@ pub fn run(args: &ControllerArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
-    let client = Client::try_default()
-        .await
-        .context("failed to create the Kubernetes client; check KUBECONFIG or the in-cluster ServiceAccount")?;
+    let client = Client::try_default().await.context(
+        "failed to create the Kubernetes client; check KUBECONFIG or the in-cluster ServiceAccount",
+    )?;
 
     if args.enable_leader_election {
         // NOTE: leader election is accepted for compatibility with the original Deployment
@@ -67,14 +67,19 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
         extra_ca_file: args.azure.extra_ca_file.clone(),
         request_timeout: args.azure.azure_request_timeout,
     };
-    let token_source = AzureTokenSource::new(endpoints).context("failed to set up the Azure clients")?;
+    let token_source =
+        AzureTokenSource::new(endpoints).context("failed to set up the Azure clients")?;
 
     let directory = BindingDirectory::default();
     let reporter = Reporter {
         controller: "acrpull".to_owned(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    let writer = KubeWriter::new(client.clone(), directory.clone(), Recorder::new(client.clone(), reporter));
+    let writer = KubeWriter::new(
+        client.clone(),
+        directory.clone(),
+        Recorder::new(client.clone(), reporter),
+    );
 
     let mut config = SystemConfig::default();
     config.decide.refresh.margin = args.refresh_margin;
@@ -103,8 +108,18 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
 
     let (ready_tx, ready_rx) = signal::channel(false);
     let (stop_tx, stop_rx) = signal::channel(false);
-    let health = tokio::spawn(health::serve(args.health_probe_addr, ready_rx, wait_for(stop_rx)));
-    let watches = tokio::spawn(watch::run(client, watch_config, directory, Sink(actors.clone()), ready_tx));
+    let health = tokio::spawn(health::serve(
+        args.health_probe_addr,
+        ready_rx,
+        wait_for(stop_rx),
+    ));
+    let watches = tokio::spawn(watch::run(
+        client,
+        watch_config,
+        directory,
+        Sink(actors.clone()),
+        ready_tx,
+    ));
     info!("controller started");
 
     shutdown_signal().await;

@@ -26,13 +26,18 @@ pub async fn serve(
 
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, "serving health probes");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn readiness(State(ready): State<watch::Receiver<bool>>) -> (StatusCode, &'static str) {
     if *ready.borrow() {
         (StatusCode::OK, "ok")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "initial list of AcrPullBindings not complete")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "initial list of AcrPullBindings not complete",
+        )
     }
 }

@@ -27,6 +27,12 @@ fn crd_has_printer_columns_and_descriptions() {
     assert!(columns.contains(&"Expires"), "{columns:?}");
 
     let schema = serde_json::to_value(&version.schema).unwrap();
-    let description = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["acrServer"]["description"];
-    assert!(description.as_str().is_some_and(|text| text.contains("registry")), "{description}");
+    let description =
+        &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["acrServer"]["description"];
+    assert!(
+        description
+            .as_str()
+            .is_some_and(|text| text.contains("registry")),
+        "{description}"
+    );
 }

@@ -60,7 +60,8 @@ fn bring_up(count: usize) -> Duration {
         }
         let all_ready = cluster
             .wait_until(Duration::from_mins(10), |cluster| {
-                cluster.statuses.len() == count && cluster.statuses.values().all(|status| status.ready.ready)
+                cluster.statuses.len() == count
+                    && cluster.statuses.values().all(|status| status.ready.ready)
             })
             .await;
         let elapsed = started.elapsed();
@@ -76,9 +77,13 @@ fn bindings(criterion: &mut Criterion) {
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(20));
     for count in [1_000, 10_000] {
-        group.bench_with_input(BenchmarkId::from_parameter(count), &count, |bencher, &count| {
-            bencher.iter_custom(|iterations| (0..iterations).map(|_| bring_up(count)).sum());
-        });
+        group.bench_with_input(
+            BenchmarkId::from_parameter(count),
+            &count,
+            |bencher, &count| {
+                bencher.iter_custom(|iterations| (0..iterations).map(|_| bring_up(count)).sum());
+            },
+        );
     }
     group.finish();
 }

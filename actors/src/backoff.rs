@@ -66,7 +66,11 @@ impl BackoffPolicy {
         let exponential = self.base.as_secs_f64() * self.factor.powi(exponent);
         let capped = exponential.min(self.max.as_secs_f64());
 
-        let jitter = if jitter.is_nan() { 1.0 } else { jitter.clamp(0.0, 1.0) };
+        let jitter = if jitter.is_nan() {
+            1.0
+        } else {
+            jitter.clamp(0.0, 1.0)
+        };
         let jittered = capped * (0.5 + 0.5 * jitter);
         let delay = Duration::try_from_secs_f64(jittered).unwrap_or(self.max);
 
@@ -79,7 +83,10 @@ mod tests {
     use super::*;
 
     #[test]
-    #[allow(clippy::duration_suboptimal_units, reason = "the table reads best with every delay in seconds")]
+    #[allow(
+        clippy::duration_suboptimal_units,
+        reason = "the table reads best with every delay in seconds"
+    )]
     fn delay_table() {
         let policy = BackoffPolicy::default();
         let cases: [(u32, f64, Option<u64>, Duration); 11] = [
@@ -100,14 +107,20 @@ mod tests {
         ];
         for (attempt, jitter, retry_after, expected) in cases {
             let delay = policy.delay(attempt, jitter, retry_after.map(Duration::from_secs));
-            assert_eq!(delay, expected, "attempt {attempt}, jitter {jitter}, retry_after {retry_after:?}");
+            assert_eq!(
+                delay, expected,
+                "attempt {attempt}, jitter {jitter}, retry_after {retry_after:?}"
+            );
         }
     }
 
     #[test]
     fn retry_after_below_delay_is_ignored() {
         let policy = BackoffPolicy::default();
-        assert_eq!(policy.delay(5, 1.0, Some(Duration::from_secs(1))), Duration::from_secs(16));
+        assert_eq!(
+            policy.delay(5, 1.0, Some(Duration::from_secs(1))),
+            Duration::from_secs(16)
+        );
     }
 
     #[test]
@@ -121,10 +134,34 @@ mod tests {
     #[test]
     fn validate_rejects_bad_values() {
         let cases = [
-            (BackoffPolicy { base: Duration::ZERO, ..BackoffPolicy::default() }, "backoff.base"),
-            (BackoffPolicy { factor: 0.5, ..BackoffPolicy::default() }, "backoff.factor"),
-            (BackoffPolicy { factor: f64::INFINITY, ..BackoffPolicy::default() }, "backoff.factor"),
-            (BackoffPolicy { max: Duration::from_millis(10), ..BackoffPolicy::default() }, "backoff.max"),
+            (
+                BackoffPolicy {
+                    base: Duration::ZERO,
+                    ..BackoffPolicy::default()
+                },
+                "backoff.base",
+            ),
+            (
+                BackoffPolicy {
+                    factor: 0.5,
+                    ..BackoffPolicy::default()
+                },
+                "backoff.factor",
+            ),
+            (
+                BackoffPolicy {
+                    factor: f64::INFINITY,
+                    ..BackoffPolicy::default()
+                },
+                "backoff.factor",
+            ),
+            (
+                BackoffPolicy {
+                    max: Duration::from_millis(10),
+                    ..BackoffPolicy::default()
+                },
+                "backoff.max",
+            ),
         ];
         for (policy, field) in cases {
             assert_eq!(policy.validate().unwrap_err().field, field, "{policy:?}");

@@ -39,7 +39,10 @@ impl Clock {
     pub fn now(&self) -> Timestamp {
         match self {
             Clock::System => Timestamp::now(),
-            Clock::Tokio { origin_wall, origin } => later(*origin_wall, origin.elapsed()),
+            Clock::Tokio {
+                origin_wall,
+                origin,
+            } => later(*origin_wall, origin.elapsed()),
         }
     }
 }
@@ -78,8 +81,14 @@ mod tests {
 
     #[test]
     fn later_saturates() {
-        assert_eq!(later(Timestamp::MAX, Duration::from_secs(1)), Timestamp::MAX);
-        assert_eq!(earlier(Timestamp::MIN, Duration::from_secs(1)), Timestamp::MIN);
+        assert_eq!(
+            later(Timestamp::MAX, Duration::from_secs(1)),
+            Timestamp::MAX
+        );
+        assert_eq!(
+            earlier(Timestamp::MIN, Duration::from_secs(1)),
+            Timestamp::MIN
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -92,7 +92,11 @@ pub fn step(
 /// Secret is ever written with a token that is already due for refresh. This happens when a
 /// clock is off or a token's lifetime is shorter than the time it took to arrive.
 #[must_use]
-pub fn screen_event<'a>(event: &'a BindingEvent, now: Timestamp, policy: &RefreshPolicy) -> Cow<'a, BindingEvent> {
+pub fn screen_event<'a>(
+    event: &'a BindingEvent,
+    now: Timestamp,
+    policy: &RefreshPolicy,
+) -> Cow<'a, BindingEvent> {
     match event {
         BindingEvent::TokenIssued { inputs_hash, token } if !policy.is_fresh(token, now) => {
             Cow::Owned(BindingEvent::TokenFailed {
@@ -216,7 +220,8 @@ impl<'a> Plan<'a> {
     }
 
     fn notify(&mut self, notice: Notice) {
-        self.commands.push(Command::Write(ClusterWrite::PublishEvent(notice)));
+        self.commands
+            .push(Command::Write(ClusterWrite::PublishEvent(notice)));
     }
 
     fn ensure_finalizer(&mut self) {
@@ -233,7 +238,9 @@ impl<'a> Plan<'a> {
         self.ensure_finalizer();
 
         let usable = state.usable_token(&self.config.refresh, self.now);
-        let may_request = state.in_flight.is_none() && !self.backing_off() && state.secret != SecretState::NotOwned;
+        let may_request = state.in_flight.is_none()
+            && !self.backing_off()
+            && state.secret != SecretState::NotOwned;
         if usable.is_none() && may_request {
             self.commands.push(Command::RequestToken {
                 inputs_hash: desired.inputs_hash(),
@@ -243,7 +250,8 @@ impl<'a> Plan<'a> {
 
         // Secret and reference writes wait for the finalizer, so that a deletion can never
         // miss something written before the finalizer was in place.
-        let writable = state.finalizer == FinalizerState::Present && state.secret != SecretState::NotOwned;
+        let writable =
+            state.finalizer == FinalizerState::Present && state.secret != SecretState::NotOwned;
         if let Some(held) = usable
             && writable
         {
@@ -261,7 +269,10 @@ impl<'a> Plan<'a> {
                 let sent = self.send(ClusterWrite::ApplySecret(content));
 
                 let restore = held.store_count > 0
-                    && matches!(event, BindingEvent::SecretGone { .. } | BindingEvent::SecretObserved(_));
+                    && matches!(
+                        event,
+                        BindingEvent::SecretGone { .. } | BindingEvent::SecretObserved(_)
+                    );
                 if sent && restore {
                     self.notify(Notice {
                         warning: false,
@@ -276,7 +287,10 @@ impl<'a> Plan<'a> {
                 }
             }
 
-            if matches!(state.target_state, ReferenceState::Unknown | ReferenceState::NotReferenced) {
+            if matches!(
+                state.target_state,
+                ReferenceState::Unknown | ReferenceState::NotReferenced
+            ) {
                 self.send(ClusterWrite::AddPullSecretReference {
                     service_account: desired.service_account.clone(),
                     secret_name: desired.secret_name.clone(),
@@ -300,7 +314,9 @@ impl<'a> Plan<'a> {
             return;
         };
 
-        let in_flight = state.pending_status().map(crate::event::ObservedStatus::from);
+        let in_flight = state
+            .pending_status()
+            .map(crate::event::ObservedStatus::from);
         let previous = in_flight.as_ref().or(state.status.as_ref());
         if !status_differs(previous, &update) {
             return;
@@ -381,7 +397,9 @@ impl<'a> Plan<'a> {
         let references: Vec<&str> = outstanding
             .iter()
             .filter_map(|write| match write {
-                ClusterWrite::RemovePullSecretReference { service_account, .. } => Some(service_account.as_str()),
+                ClusterWrite::RemovePullSecretReference {
+                    service_account, ..
+                } => Some(service_account.as_str()),
                 _ => None,
             })
             .collect();
@@ -476,8 +494,8 @@ mod tests {
     use super::*;
     use crate::event::ObservedStatus;
     use crate::fixtures::{
-        Harness, SECRET, account, at, desired, invalid_spec, observed, render, spec, spec_with, token, token_error,
-        token_for, write_error,
+        Harness, SECRET, account, at, desired, invalid_spec, observed, render, spec, spec_with,
+        token, token_error, token_for, write_error,
     };
     use crate::model::InputsHash;
     use crate::state::PullSecretReference;
@@ -530,7 +548,10 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::too_many_lines, reason = "one table row per transition reads better than split tables")]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one table row per transition reads better than split tables"
+    )]
     fn spec_transitions() {
         run(&[
             Case {
@@ -565,7 +586,11 @@ mod tests {
                     }
                     _ => unreachable!(),
                 },
-                expected: &["AddFinalizer", "Status(false InvalidSpec)", "Event(Warning InvalidSpec)"],
+                expected: &[
+                    "AddFinalizer",
+                    "Status(false InvalidSpec)",
+                    "Event(Warning InvalidSpec)",
+                ],
             },
             Case {
                 name: "spec change while a request is in flight waits",
@@ -626,7 +651,10 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::too_many_lines, reason = "one table row per transition reads better than split tables")]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one table row per transition reads better than split tables"
+    )]
     fn token_transitions() {
         run(&[
             Case {
@@ -637,12 +665,19 @@ mod tests {
                     inputs_hash: in_flight_hash(harness),
                     token: token("t1", 0),
                 },
-                expected: &["ApplySecret(t1)", "AddReference(default)", "Timer(Refresh @2700)"],
+                expected: &[
+                    "ApplySecret(t1)",
+                    "AddReference(default)",
+                    "Timer(Refresh @2700)",
+                ],
             },
             Case {
                 name: "token issued before the finalizer: hold the writes",
                 setup: |harness| {
-                    harness.step(0, spec_with(desired("default", "x"), false, ObservedStatus::default()));
+                    harness.step(
+                        0,
+                        spec_with(desired("default", "x"), false, ObservedStatus::default()),
+                    );
                 },
                 secs: 0,
                 event: |harness| BindingEvent::TokenIssued {
@@ -756,13 +791,20 @@ mod tests {
                     inputs_hash: in_flight_hash(harness),
                     token: token("t2", 1),
                 },
-                expected: &["ApplySecret(t2)", "AddReference(default)", "Timer(Refresh @2701)"],
+                expected: &[
+                    "ApplySecret(t2)",
+                    "AddReference(default)",
+                    "Timer(Refresh @2701)",
+                ],
             },
             Case {
                 name: "stale answer after a spec change requests the new inputs",
                 setup: |harness| {
                     requested(harness);
-                    harness.step(1, spec_with(desired("default", "y"), true, ObservedStatus::default()));
+                    harness.step(
+                        1,
+                        spec_with(desired("default", "y"), true, ObservedStatus::default()),
+                    );
                 },
                 secs: 2,
                 event: |harness| BindingEvent::TokenIssued {
@@ -785,7 +827,10 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::too_many_lines, reason = "one table row per transition reads better than split tables")]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one table row per transition reads better than split tables"
+    )]
     fn write_result_transitions() {
         run(&[
             Case {
@@ -795,7 +840,9 @@ mod tests {
                     harness.issue(0, "t1");
                 },
                 secs: 0,
-                event: |harness| BindingEvent::WriteDone(ClusterWrite::ApplySecret(harness.last_secret())),
+                event: |harness| {
+                    BindingEvent::WriteDone(ClusterWrite::ApplySecret(harness.last_secret()))
+                },
                 expected: &[],
             },
             Case {
@@ -804,7 +851,10 @@ mod tests {
                     requested(harness);
                     harness.issue(0, "t1");
                     let secret = harness.last_secret();
-                    harness.step(0, BindingEvent::WriteDone(ClusterWrite::ApplySecret(secret)));
+                    harness.step(
+                        0,
+                        BindingEvent::WriteDone(ClusterWrite::ApplySecret(secret)),
+                    );
                 },
                 secs: 0,
                 event: |_| {
@@ -813,12 +863,18 @@ mod tests {
                         secret_name: SECRET.into(),
                     })
                 },
-                expected: &["Status(true TokenRefreshed)", "Event(Normal TokenRefreshed)"],
+                expected: &[
+                    "Status(true TokenRefreshed)",
+                    "Event(Normal TokenRefreshed)",
+                ],
             },
             Case {
                 name: "finalizer added: held token is written",
                 setup: |harness| {
-                    harness.step(0, spec_with(desired("default", "x"), false, ObservedStatus::default()));
+                    harness.step(
+                        0,
+                        spec_with(desired("default", "x"), false, ObservedStatus::default()),
+                    );
                     harness.issue(0, "t1");
                 },
                 secs: 0,
@@ -831,7 +887,10 @@ mod tests {
                     requested(harness);
                     harness.issue(0, "t1");
                     let secret = harness.last_secret();
-                    harness.step(0, BindingEvent::WriteDone(ClusterWrite::ApplySecret(secret)));
+                    harness.step(
+                        0,
+                        BindingEvent::WriteDone(ClusterWrite::ApplySecret(secret)),
+                    );
                 },
                 secs: 0,
                 event: |_| BindingEvent::WriteFailed {
@@ -856,9 +915,15 @@ mod tests {
                 secs: 0,
                 event: |harness| BindingEvent::WriteFailed {
                     write: ClusterWrite::ApplySecret(harness.last_secret()),
-                    error: write_error(WriteErrorKind::Throttled(Some(std::time::Duration::from_secs(7)))),
+                    error: write_error(WriteErrorKind::Throttled(Some(
+                        std::time::Duration::from_secs(7),
+                    ))),
                 },
-                expected: &["Status(false WriteFailed)", "Event(Warning WriteFailed)", "Timer(Retry @7)"],
+                expected: &[
+                    "Status(false WriteFailed)",
+                    "Event(Warning WriteFailed)",
+                    "Timer(Retry @7)",
+                ],
             },
             Case {
                 name: "secret write retried when the timer fires",
@@ -884,7 +949,10 @@ mod tests {
                     requested(harness);
                     harness.issue(0, "t1");
                     let secret = harness.last_secret();
-                    harness.step(0, BindingEvent::WriteDone(ClusterWrite::ApplySecret(secret)));
+                    harness.step(
+                        0,
+                        BindingEvent::WriteDone(ClusterWrite::ApplySecret(secret)),
+                    );
                     harness.step(
                         0,
                         BindingEvent::WriteDone(ClusterWrite::AddPullSecretReference {
@@ -903,14 +971,21 @@ mod tests {
             Case {
                 name: "finalizer write failure is reported and backs off",
                 setup: |harness| {
-                    harness.step(0, spec_with(desired("default", "x"), false, ObservedStatus::default()));
+                    harness.step(
+                        0,
+                        spec_with(desired("default", "x"), false, ObservedStatus::default()),
+                    );
                 },
                 secs: 0,
                 event: |_| BindingEvent::WriteFailed {
                     write: ClusterWrite::AddFinalizer,
                     error: write_error(WriteErrorKind::Rejected),
                 },
-                expected: &["Status(false WriteFailed)", "Event(Warning WriteFailed)", "Timer(Retry @8)"],
+                expected: &[
+                    "Status(false WriteFailed)",
+                    "Event(Warning WriteFailed)",
+                    "Timer(Retry @8)",
+                ],
             },
         ]);
     }
@@ -962,7 +1037,9 @@ mod tests {
                 name: "secret deleted by hand is restored",
                 setup: ready,
                 secs: 10,
-                event: |_| BindingEvent::SecretGone { name: SECRET.into() },
+                event: |_| BindingEvent::SecretGone {
+                    name: SECRET.into(),
+                },
                 expected: &["ApplySecret(t1)", "Event(Normal SecretRestored)"],
             },
             Case {
@@ -987,7 +1064,9 @@ mod tests {
                     harness.fail_token(2701, token_error("IMDS returned 500"));
                 },
                 secs: 2702,
-                event: |_| BindingEvent::SecretGone { name: SECRET.into() },
+                event: |_| BindingEvent::SecretGone {
+                    name: SECRET.into(),
+                },
                 expected: &[],
             },
             Case {
@@ -1010,7 +1089,10 @@ mod tests {
                         owned: false,
                     })
                 },
-                expected: &["Status(false SecretNotOwned)", "Event(Warning SecretNotOwned)"],
+                expected: &[
+                    "Status(false SecretNotOwned)",
+                    "Event(Warning SecretNotOwned)",
+                ],
             },
         ]);
     }
@@ -1029,14 +1111,24 @@ mod tests {
                 name: "target gone is reported",
                 setup: ready,
                 secs: 10,
-                event: |_| BindingEvent::ServiceAccountGone { name: "default".into() },
-                expected: &["Status(false ServiceAccountNotFound)", "Event(Warning ServiceAccountNotFound)"],
+                event: |_| BindingEvent::ServiceAccountGone {
+                    name: "default".into(),
+                },
+                expected: &[
+                    "Status(false ServiceAccountNotFound)",
+                    "Event(Warning ServiceAccountNotFound)",
+                ],
             },
             Case {
                 name: "target appears again",
                 setup: |harness| {
                     ready(harness);
-                    harness.step(10, BindingEvent::ServiceAccountGone { name: "default".into() });
+                    harness.step(
+                        10,
+                        BindingEvent::ServiceAccountGone {
+                            name: "default".into(),
+                        },
+                    );
                     harness.complete_all(10);
                 },
                 secs: 20,
@@ -1086,14 +1178,23 @@ mod tests {
                     );
                 },
                 secs: 10,
-                event: |_| BindingEvent::WriteDone(ClusterWrite::DeleteSecret { name: SECRET.into() }),
+                event: |_| {
+                    BindingEvent::WriteDone(ClusterWrite::DeleteSecret {
+                        name: SECRET.into(),
+                    })
+                },
                 expected: &["RemoveFinalizer"],
             },
             Case {
                 name: "missing service account counts as done",
                 setup: |harness| {
                     deleting(harness);
-                    harness.step(10, BindingEvent::WriteDone(ClusterWrite::DeleteSecret { name: SECRET.into() }));
+                    harness.step(
+                        10,
+                        BindingEvent::WriteDone(ClusterWrite::DeleteSecret {
+                            name: SECRET.into(),
+                        }),
+                    );
                 },
                 secs: 10,
                 event: |_| BindingEvent::WriteFailed {
@@ -1110,7 +1211,9 @@ mod tests {
                 setup: deleting,
                 secs: 10,
                 event: |_| BindingEvent::WriteFailed {
-                    write: ClusterWrite::DeleteSecret { name: SECRET.into() },
+                    write: ClusterWrite::DeleteSecret {
+                        name: SECRET.into(),
+                    },
                     error: write_error(WriteErrorKind::Throttled(None)),
                 },
                 expected: &["Timer(Retry @11)"],
@@ -1162,7 +1265,12 @@ mod tests {
         let mut harness = Harness::ready();
         harness.config.max_cleanup_attempts = 3;
         harness.step(10, BindingEvent::DeletionRequested);
-        harness.step(10, BindingEvent::WriteDone(ClusterWrite::DeleteSecret { name: SECRET.into() }));
+        harness.step(
+            10,
+            BindingEvent::WriteDone(ClusterWrite::DeleteSecret {
+                name: SECRET.into(),
+            }),
+        );
         let removal = ClusterWrite::RemovePullSecretReference {
             service_account: "default".into(),
             secret_name: SECRET.into(),
@@ -1182,7 +1290,10 @@ mod tests {
             harness.step(secs, BindingEvent::TimerFired);
         }
 
-        assert!(last.contains(&"Event(Warning CleanupFailed)".to_owned()), "{last:?}");
+        assert!(
+            last.contains(&"Event(Warning CleanupFailed)".to_owned()),
+            "{last:?}"
+        );
         assert!(last.contains(&"RemoveFinalizer".to_owned()), "{last:?}");
     }
 
@@ -1222,7 +1333,10 @@ mod tests {
 
         let mut after = Harness::new();
         after.step(60, BindingEvent::SecretObserved(observed(&secret)));
-        after.step(60, spec_with(desired("default", "y"), true, ObservedStatus::default()));
+        after.step(
+            60,
+            spec_with(desired("default", "y"), true, ObservedStatus::default()),
+        );
         after.fail_token(60, token_error("IMDS returned 500"));
 
         let ClusterWrite::UpdateStatus(update) = after.last_status_write() else {
@@ -1240,7 +1354,10 @@ mod tests {
         harness.complete_all(10);
 
         assert!(harness.state.stale_references.is_empty());
-        assert_eq!(harness.state.target, Some(PullSecretReference::new("builder", SECRET)));
+        assert_eq!(
+            harness.state.target,
+            Some(PullSecretReference::new("builder", SECRET))
+        );
     }
 
     #[test]
@@ -1257,7 +1374,10 @@ mod tests {
             },
         );
 
-        assert!(rendered.contains(&"Timer(Refresh @10)".to_owned()), "{rendered:?}");
+        assert!(
+            rendered.contains(&"Timer(Refresh @10)".to_owned()),
+            "{rendered:?}"
+        );
     }
 
     #[test]
@@ -1269,7 +1389,10 @@ mod tests {
         let second = decide(&harness.state, &event, at(2700), 0.3, &harness.config);
 
         assert_eq!(first, second);
-        assert_eq!(first.iter().map(render).collect::<Vec<_>>(), vec!["RequestToken"]);
+        assert_eq!(
+            first.iter().map(render).collect::<Vec<_>>(),
+            vec!["RequestToken"]
+        );
     }
 
     #[test]

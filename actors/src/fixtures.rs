@@ -4,7 +4,9 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::command::Command;
 use crate::decide::{DecideConfig, step};
-use crate::event::{BindingEvent, ObservedBinding, ObservedSecret, ObservedServiceAccount, ObservedStatus};
+use crate::event::{
+    BindingEvent, ObservedBinding, ObservedSecret, ObservedServiceAccount, ObservedStatus,
+};
 use crate::model::{BindingKey, DesiredBinding, Identity, IssuedToken, RegistryToken, TokenError};
 use crate::spec::InvalidSpec;
 use crate::state::BindingState;
@@ -40,11 +42,19 @@ pub fn desired(service_account: &str, identity: &str) -> DesiredBinding {
 
 /// Returns a `SpecObserved` for a valid spec with the finalizer and an empty status.
 pub fn spec(service_account: &str) -> BindingEvent {
-    spec_with(desired(service_account, "x"), true, ObservedStatus::default())
+    spec_with(
+        desired(service_account, "x"),
+        true,
+        ObservedStatus::default(),
+    )
 }
 
 /// Returns a `SpecObserved` for `desired` at generation 1.
-pub fn spec_with(desired: DesiredBinding, has_finalizer: bool, status: ObservedStatus) -> BindingEvent {
+pub fn spec_with(
+    desired: DesiredBinding,
+    has_finalizer: bool,
+    status: ObservedStatus,
+) -> BindingEvent {
     BindingEvent::SpecObserved(ObservedBinding {
         generation: 1,
         spec: Ok(desired),
@@ -121,14 +131,22 @@ pub fn render(command: &Command) -> String {
         Command::Stop => "Stop".into(),
         Command::ArmTimer { at, purpose } => format!("Timer({purpose:?} @{})", offset(*at)),
         Command::Write(write) => match write {
-            ClusterWrite::ApplySecret(content) => format!("ApplySecret({})", content.token.token.expose()),
-            ClusterWrite::AddPullSecretReference { service_account, .. } => {
+            ClusterWrite::ApplySecret(content) => {
+                format!("ApplySecret({})", content.token.token.expose())
+            }
+            ClusterWrite::AddPullSecretReference {
+                service_account, ..
+            } => {
                 format!("AddReference({service_account})")
             }
-            ClusterWrite::RemovePullSecretReference { service_account, .. } => {
+            ClusterWrite::RemovePullSecretReference {
+                service_account, ..
+            } => {
                 format!("RemoveReference({service_account})")
             }
-            ClusterWrite::UpdateStatus(update) => format!("Status({} {})", update.ready.ready, update.ready.reason),
+            ClusterWrite::UpdateStatus(update) => {
+                format!("Status({} {})", update.ready.ready, update.ready.reason)
+            }
             ClusterWrite::PublishEvent(notice) => {
                 let kind = if notice.warning { "Warning" } else { "Normal" };
                 format!("Event({kind} {})", notice.reason)
@@ -176,7 +194,11 @@ impl Harness {
 
     /// Returns the last command of the history that matches `pick`.
     pub fn last<T>(&self, pick: impl Fn(&Command) -> Option<T>) -> T {
-        self.history.iter().rev().find_map(pick).expect("no matching command in history")
+        self.history
+            .iter()
+            .rev()
+            .find_map(pick)
+            .expect("no matching command in history")
     }
 
     /// Returns the last `ApplySecret` content sent.
@@ -197,7 +219,11 @@ impl Harness {
 
     /// Returns a token for the request in flight at `T0 + secs`, and the rendered commands.
     pub fn issue(&mut self, secs: i64, value: &str) -> Vec<String> {
-        let inputs_hash = self.state.in_flight.clone().expect("no token request in flight");
+        let inputs_hash = self
+            .state
+            .in_flight
+            .clone()
+            .expect("no token request in flight");
         self.rendered(
             secs,
             BindingEvent::TokenIssued {
@@ -209,7 +235,11 @@ impl Harness {
 
     /// Fails the token request in flight at `T0 + secs`.
     pub fn fail_token(&mut self, secs: i64, error: TokenError) -> Vec<String> {
-        let inputs_hash = self.state.in_flight.clone().expect("no token request in flight");
+        let inputs_hash = self
+            .state
+            .in_flight
+            .clone()
+            .expect("no token request in flight");
         self.rendered(secs, BindingEvent::TokenFailed { inputs_hash, error })
     }
 

@@ -10,7 +10,10 @@ use futures::future::BoxFuture;
 use crate::clock::{Clock, later};
 use crate::model::{BindingKey, IssuedToken, RegistryToken, TokenError, TokenRequest};
 use crate::ports::{ClusterWriter, TokenSource};
-use crate::write::{ClusterWrite, CoalesceKey, Notice, SecretContent, StatusUpdate, WriteError, WriteErrorKind, WriteKind};
+use crate::write::{
+    ClusterWrite, CoalesceKey, Notice, SecretContent, StatusUpdate, WriteError, WriteErrorKind,
+    WriteKind,
+};
 
 /// Locks a mutex, ignoring poisoning: a panicking test thread must not hide the state.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -64,7 +67,9 @@ impl MemoryTokenSource {
     /// Makes the next `count` calls fail with `error`, whatever they request.
     pub fn fail_next(&self, count: usize, error: &TokenError) {
         let mut inner = lock(&self.inner);
-        inner.scripted_failures.extend(std::iter::repeat_n(error.clone(), count));
+        inner
+            .scripted_failures
+            .extend(std::iter::repeat_n(error.clone(), count));
     }
 
     /// Returns the number of calls so far.
@@ -76,7 +81,11 @@ impl MemoryTokenSource {
     /// Returns the number of calls so far for one request.
     #[must_use]
     pub fn calls_for(&self, request: &TokenRequest) -> u64 {
-        lock(&self.inner).calls_by_request.get(request).copied().unwrap_or(0)
+        lock(&self.inner)
+            .calls_by_request
+            .get(request)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -140,7 +149,10 @@ impl MemoryCluster {
     /// Returns the number of successful writes of `kind`.
     #[must_use]
     pub fn count(&self, kind: WriteKind) -> usize {
-        self.applied.iter().filter(|(_, write)| write.kind() == kind).count()
+        self.applied
+            .iter()
+            .filter(|(_, write)| write.kind() == kind)
+            .count()
     }
 
     /// Returns the Secret of a binding, by namespace and Secret name.
@@ -214,7 +226,10 @@ impl MemoryClusterWriter {
     pub fn set_service_account(&self, namespace: &str, name: &str, pull_secrets: &[&str]) {
         lock(&self.inner).cluster.service_accounts.insert(
             (namespace.to_owned(), name.to_owned()),
-            pull_secrets.iter().map(|secret| (*secret).to_owned()).collect(),
+            pull_secrets
+                .iter()
+                .map(|secret| (*secret).to_owned())
+                .collect(),
         );
     }
 
@@ -248,7 +263,11 @@ impl MemoryClusterWriter {
 
     /// Polls every millisecond until `predicate` holds, for at most `timeout`; returns whether
     /// it held.
-    pub async fn wait_until(&self, timeout: Duration, predicate: impl Fn(&MemoryCluster) -> bool) -> bool {
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        predicate: impl Fn(&MemoryCluster) -> bool,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if predicate(&lock(&self.inner).cluster) {
@@ -286,7 +305,12 @@ impl MemoryClusterWriter {
         (inner.latency, failure)
     }
 
-    fn finish_call(&self, key: &BindingKey, write: &ClusterWrite, failure: Option<WriteError>) -> Result<(), WriteError> {
+    fn finish_call(
+        &self,
+        key: &BindingKey,
+        write: &ClusterWrite,
+        failure: Option<WriteError>,
+    ) -> Result<(), WriteError> {
         let mut inner = lock(&self.inner);
         inner.running -= 1;
         let object = (key.clone(), write.coalesce_key(0));
@@ -310,13 +334,19 @@ impl MemoryClusterWriter {
 }
 
 /// Applies one write to the model; returns whether anything changed.
-fn apply_write(cluster: &mut MemoryCluster, key: &BindingKey, write: &ClusterWrite) -> Result<bool, WriteError> {
+fn apply_write(
+    cluster: &mut MemoryCluster,
+    key: &BindingKey,
+    write: &ClusterWrite,
+) -> Result<bool, WriteError> {
     let namespaced = |name: &str| (key.namespace.clone(), name.to_owned());
     let changed = match write {
         ClusterWrite::AddFinalizer => cluster.finalizers.insert(key.clone()),
         ClusterWrite::RemoveFinalizer => cluster.finalizers.remove(key),
         ClusterWrite::ApplySecret(content) => {
-            let previous = cluster.secrets.insert(namespaced(&content.name), content.clone());
+            let previous = cluster
+                .secrets
+                .insert(namespaced(&content.name), content.clone());
             previous.as_ref() != Some(content)
         }
         ClusterWrite::DeleteSecret { name } => cluster.secrets.remove(&namespaced(name)).is_some(),
@@ -324,7 +354,10 @@ fn apply_write(cluster: &mut MemoryCluster, key: &BindingKey, write: &ClusterWri
             service_account,
             secret_name,
         } => {
-            let Some(pull_secrets) = cluster.service_accounts.get_mut(&namespaced(service_account)) else {
+            let Some(pull_secrets) = cluster
+                .service_accounts
+                .get_mut(&namespaced(service_account))
+            else {
                 return Err(WriteError {
                     message: format!(
                         "ServiceAccount {service_account} not found in namespace {}",
@@ -343,7 +376,10 @@ fn apply_write(cluster: &mut MemoryCluster, key: &BindingKey, write: &ClusterWri
         ClusterWrite::RemovePullSecretReference {
             service_account,
             secret_name,
-        } => match cluster.service_accounts.get_mut(&namespaced(service_account)) {
+        } => match cluster
+            .service_accounts
+            .get_mut(&namespaced(service_account))
+        {
             Some(pull_secrets) => {
                 let before = pull_secrets.len();
                 pull_secrets.retain(|name| name != secret_name);
@@ -364,7 +400,11 @@ fn apply_write(cluster: &mut MemoryCluster, key: &BindingKey, write: &ClusterWri
 }
 
 impl ClusterWriter for MemoryClusterWriter {
-    fn apply(&self, key: BindingKey, write: ClusterWrite) -> BoxFuture<'static, Result<(), WriteError>> {
+    fn apply(
+        &self,
+        key: BindingKey,
+        write: ClusterWrite,
+    ) -> BoxFuture<'static, Result<(), WriteError>> {
         let (latency, failure) = self.start_call(&key, &write);
         let this = self.clone();
 
@@ -407,7 +447,10 @@ mod tests {
 
         assert_eq!(first.unwrap_err().message, "IMDS returned 500");
         assert_eq!(second.token.expose(), "memory-token-2");
-        assert_eq!(second.expires_at.duration_since(second.issued_at).as_secs(), 75 * 60);
+        assert_eq!(
+            second.expires_at.duration_since(second.issued_at).as_secs(),
+            75 * 60
+        );
         assert_eq!(source.calls(), 2);
         assert_eq!(source.calls_for(&request()), 2);
     }
@@ -475,8 +518,18 @@ mod tests {
         );
         let key = BindingKey::new("ns", "app");
 
-        assert!(writer.apply(key.clone(), ClusterWrite::AddFinalizer).await.is_err());
-        assert!(writer.apply(key.clone(), ClusterWrite::AddFinalizer).await.is_ok());
+        assert!(
+            writer
+                .apply(key.clone(), ClusterWrite::AddFinalizer)
+                .await
+                .is_err()
+        );
+        assert!(
+            writer
+                .apply(key.clone(), ClusterWrite::AddFinalizer)
+                .await
+                .is_ok()
+        );
         assert!(writer.snapshot().finalizers.contains(&key));
         assert_eq!(writer.snapshot().calls, 2);
     }

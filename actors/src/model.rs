@@ -225,7 +225,11 @@ mod tests {
             binding("b.azurecr.io", Identity::ClientId("x".into()), None),
             binding("a.azurecr.io", Identity::ClientId("y".into()), None),
             binding("a.azurecr.io", Identity::ResourceId("x".into()), None),
-            binding("a.azurecr.io", Identity::ClientId("x".into()), Some("repository:a:pull")),
+            binding(
+                "a.azurecr.io",
+                Identity::ClientId("x".into()),
+                Some("repository:a:pull"),
+            ),
         ];
         for variant in variants {
             assert_ne!(base.inputs_hash(), variant.inputs_hash(), "{variant:?}");

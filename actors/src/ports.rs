@@ -19,5 +19,9 @@ pub trait TokenSource: Send + Sync + 'static {
 /// limiting, coalescing and retries.
 pub trait ClusterWriter: Send + Sync + 'static {
     /// Applies `write` for the binding `key`.
-    fn apply(&self, key: BindingKey, write: ClusterWrite) -> BoxFuture<'static, Result<(), WriteError>>;
+    fn apply(
+        &self,
+        key: BindingKey,
+        write: ClusterWrite,
+    ) -> BoxFuture<'static, Result<(), WriteError>>;
 }

@@ -12,7 +12,9 @@ use proptest::prelude::*;
 use crate::command::Command;
 use crate::decide::{DecideConfig, step};
 use crate::event::{BindingEvent, ObservedSecret, ObservedStatus};
-use crate::fixtures::{LIFETIME, SECRET, account, at, desired, invalid_spec, observed, spec_with, write_error};
+use crate::fixtures::{
+    LIFETIME, SECRET, account, at, desired, invalid_spec, observed, spec_with, write_error,
+};
 use crate::model::{BindingKey, InputsHash, IssuedToken, RegistryToken, TokenError};
 use crate::state::{BindingState, FinalizerState, SecretState};
 use crate::write::{ClusterWrite, SecretContent, WriteErrorKind};
@@ -124,7 +126,10 @@ impl World {
     }
 
     /// Turns an action into an event, or `None` when it does not apply right now.
-    #[allow(clippy::too_many_lines, reason = "one match arm per action keeps the world's rules in one place")]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one match arm per action keeps the world's rules in one place"
+    )]
     fn event_for(&mut self, action: &Action) -> Option<BindingEvent> {
         match action {
             Action::Spec {
@@ -137,7 +142,8 @@ impl World {
                     return Some(invalid_spec());
                 }
                 let desired = desired(ACCOUNTS[*account], IDENTITIES[*identity]);
-                self.accounts_in_specs.insert(desired.service_account.clone());
+                self.accounts_in_specs
+                    .insert(desired.service_account.clone());
                 Some(spec_with(desired, *has_finalizer, self.status.clone()))
             }
             Action::SecretSeen(kind) => {
@@ -177,9 +183,14 @@ impl World {
             Action::SecretGone => {
                 self.secret = None;
                 self.foreign_secret = false;
-                Some(BindingEvent::SecretGone { name: SECRET.into() })
+                Some(BindingEvent::SecretGone {
+                    name: SECRET.into(),
+                })
             }
-            Action::Account { account, references } => Some(crate::fixtures::account(ACCOUNTS[*account], *references)),
+            Action::Account {
+                account,
+                references,
+            } => Some(crate::fixtures::account(ACCOUNTS[*account], *references)),
             Action::AccountGone(account) => Some(BindingEvent::ServiceAccountGone {
                 name: ACCOUNTS[*account].into(),
             }),
@@ -217,7 +228,8 @@ impl World {
                 Some(event)
             }
             Action::CompleteWrite { index, outcome } => {
-                let pending: Vec<ClusterWrite> = self.state.pending_writes.values().cloned().collect();
+                let pending: Vec<ClusterWrite> =
+                    self.state.pending_writes.values().cloned().collect();
                 let write = pending.get(index % pending.len().max(1))?.clone();
                 let kind = match outcome {
                     0 => return Some(BindingEvent::WriteDone(self.land(write))),
@@ -259,7 +271,10 @@ impl World {
     }
 
     /// Handles one event and checks every per-step invariant.
-    #[allow(clippy::too_many_lines, reason = "each invariant check is a short block; splitting scatters them")]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "each invariant check is a short block; splitting scatters them"
+    )]
     fn step(&mut self, event: &BindingEvent) -> Result<Vec<Command>, TestCaseError> {
         let before = self.state.clone();
         let stored_before = self.secret.clone();
@@ -268,21 +283,30 @@ impl World {
 
         let commands = step(&mut self.state, event, now, 0.5, &self.config);
 
-        let current_hash = before.desired().map(crate::model::DesiredBinding::inputs_hash);
+        let current_hash = before
+            .desired()
+            .map(crate::model::DesiredBinding::inputs_hash);
         let answered = before.in_flight.is_some()
             && before.in_flight == current_hash
             && self.state.in_flight.is_none();
         let failure = matches!(event, BindingEvent::TokenFailed { .. })
             || matches!(event, BindingEvent::TokenIssued { token, .. } if !self.config.refresh.is_fresh(token, now));
         // A timer ends the backoff, and so do new token inputs: their failures are new.
-        let after_hash = self.state.desired().map(crate::model::DesiredBinding::inputs_hash);
-        if matches!(event, BindingEvent::TimerFired) || (current_hash.is_some() && after_hash != current_hash) {
+        let after_hash = self
+            .state
+            .desired()
+            .map(crate::model::DesiredBinding::inputs_hash);
+        if matches!(event, BindingEvent::TimerFired)
+            || (current_hash.is_some() && after_hash != current_hash)
+        {
             self.failed_since_timer = false;
         }
         if failure && answered && !self.state.deleting {
             self.failed_since_timer = true;
         }
-        let requested_now = commands.iter().any(|command| matches!(command, Command::RequestToken { .. }));
+        let requested_now = commands
+            .iter()
+            .any(|command| matches!(command, Command::RequestToken { .. }));
         prop_assert!(
             !(requested_now && self.failed_since_timer),
             "a token request followed a failure without waiting for the timer"
@@ -292,7 +316,10 @@ impl World {
             .iter()
             .filter(|command| matches!(command, Command::RequestToken { .. }))
             .count();
-        prop_assert!(requests <= 1, "two token requests in one step: {commands:?}");
+        prop_assert!(
+            requests <= 1,
+            "two token requests in one step: {commands:?}"
+        );
         for command in &commands {
             if let Command::RequestToken { inputs_hash, .. } = command {
                 prop_assert!(
@@ -303,10 +330,16 @@ impl World {
                 self.requested = Some(inputs_hash.clone());
             }
         }
-        prop_assert_eq!(&self.state.in_flight, &self.requested, "state and world disagree on the request in flight");
+        prop_assert_eq!(
+            &self.state.in_flight,
+            &self.requested,
+            "state and world disagree on the request in flight"
+        );
 
         for command in &commands {
-            let Command::Write(write) = command else { continue };
+            let Command::Write(write) = command else {
+                continue;
+            };
             match write {
                 ClusterWrite::ApplySecret(content) => {
                     prop_assert!(!failure, "a failed refresh wrote the Secret");
@@ -348,10 +381,15 @@ impl World {
                     );
                 }
                 ClusterWrite::UpdateStatus(update) => {
-                    let texts = [update.error.clone().unwrap_or_default(), update.ready.message.clone()];
+                    let texts = [
+                        update.error.clone().unwrap_or_default(),
+                        update.ready.message.clone(),
+                    ];
                     self.check_no_token(&texts)?;
                 }
-                ClusterWrite::PublishEvent(notice) => self.check_no_token(std::slice::from_ref(&notice.message))?,
+                ClusterWrite::PublishEvent(notice) => {
+                    self.check_no_token(std::slice::from_ref(&notice.message))?
+                }
                 ClusterWrite::AddFinalizer | ClusterWrite::RemoveFinalizer => {}
             }
         }
@@ -371,7 +409,11 @@ impl World {
     fn check_no_token(&self, texts: &[String]) -> Result<(), TestCaseError> {
         for text in texts {
             for token in &self.issued {
-                prop_assert!(!text.contains(token.as_str()), "a token reached a text: {}", text);
+                prop_assert!(
+                    !text.contains(token.as_str()),
+                    "a token reached a text: {}",
+                    text
+                );
             }
         }
         Ok(())
@@ -489,4 +531,3 @@ proptest! {
         prop_assert_eq!(first, second);
     }
 }
-

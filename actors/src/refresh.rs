@@ -75,7 +75,10 @@ impl RefreshPolicy {
 
         let seconds = lifetime.as_secs_f64() * self.short_token_fraction;
         let delay = SignedDuration::try_from_secs_f64(seconds).unwrap_or(lifetime);
-        token.issued_at.saturating_add(delay).unwrap_or(token.expires_at)
+        token
+            .issued_at
+            .saturating_add(delay)
+            .unwrap_or(token.expires_at)
     }
 
     /// Returns whether `token` may still be used and written at `now`: `now < refresh_at`.
@@ -103,22 +106,54 @@ mod tests {
         let policy = RefreshPolicy::default();
         let cases = [
             // 75-minute ACR access token: 30 minutes before expiry.
-            ("2025-01-01T00:00:00Z", "2025-01-01T01:15:00Z", "2025-01-01T00:45:00Z"),
+            (
+                "2025-01-01T00:00:00Z",
+                "2025-01-01T01:15:00Z",
+                "2025-01-01T00:45:00Z",
+            ),
             // 3-hour refresh token: 30 minutes before expiry.
-            ("2025-01-01T00:00:00Z", "2025-01-01T03:00:00Z", "2025-01-01T02:30:00Z"),
+            (
+                "2025-01-01T00:00:00Z",
+                "2025-01-01T03:00:00Z",
+                "2025-01-01T02:30:00Z",
+            ),
             // Exactly twice the margin: still the margin rule.
-            ("2025-01-01T00:00:00Z", "2025-01-01T01:00:00Z", "2025-01-01T00:30:00Z"),
+            (
+                "2025-01-01T00:00:00Z",
+                "2025-01-01T01:00:00Z",
+                "2025-01-01T00:30:00Z",
+            ),
             // Just under twice the margin: half the lifetime.
-            ("2025-01-01T00:00:00Z", "2025-01-01T00:59:58Z", "2025-01-01T00:29:59Z"),
+            (
+                "2025-01-01T00:00:00Z",
+                "2025-01-01T00:59:58Z",
+                "2025-01-01T00:29:59Z",
+            ),
             // 20-second test token: after 10 seconds.
-            ("2025-01-01T00:00:00Z", "2025-01-01T00:00:20Z", "2025-01-01T00:00:10Z"),
+            (
+                "2025-01-01T00:00:00Z",
+                "2025-01-01T00:00:20Z",
+                "2025-01-01T00:00:10Z",
+            ),
             // Expired at issue: due at once.
-            ("2025-01-01T00:00:00Z", "2025-01-01T00:00:00Z", "2025-01-01T00:00:00Z"),
-            ("2025-01-01T00:00:10Z", "2025-01-01T00:00:00Z", "2025-01-01T00:00:10Z"),
+            (
+                "2025-01-01T00:00:00Z",
+                "2025-01-01T00:00:00Z",
+                "2025-01-01T00:00:00Z",
+            ),
+            (
+                "2025-01-01T00:00:10Z",
+                "2025-01-01T00:00:00Z",
+                "2025-01-01T00:00:10Z",
+            ),
         ];
         for (issued, expires, expected) in cases {
             let refresh_at = policy.refresh_at(&token(issued, expires));
-            assert_eq!(refresh_at, expected.parse::<Timestamp>().unwrap(), "issued {issued}, expires {expires}");
+            assert_eq!(
+                refresh_at,
+                expected.parse::<Timestamp>().unwrap(),
+                "issued {issued}, expires {expires}"
+            );
         }
     }
 
@@ -129,7 +164,10 @@ mod tests {
             short_token_fraction: 0.8,
         };
         let short = token("2025-01-01T00:00:00Z", "2025-01-01T00:01:40Z");
-        assert_eq!(policy.refresh_at(&short), "2025-01-01T00:01:20Z".parse::<Timestamp>().unwrap());
+        assert_eq!(
+            policy.refresh_at(&short),
+            "2025-01-01T00:01:20Z".parse::<Timestamp>().unwrap()
+        );
     }
 
     #[test]
@@ -143,7 +181,11 @@ mod tests {
             ("2025-01-01T02:00:00Z", false),
         ];
         for (now, fresh) in cases {
-            assert_eq!(policy.is_fresh(&acr, now.parse().unwrap()), fresh, "at {now}");
+            assert_eq!(
+                policy.is_fresh(&acr, now.parse().unwrap()),
+                fresh,
+                "at {now}"
+            );
         }
     }
 

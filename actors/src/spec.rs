@@ -46,16 +46,22 @@ pub struct RegistryPolicy {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidSpec {
     /// No registry in the spec and no controller default.
-    #[error("spec.acrServer is missing and the controller has no ACR_SERVER default: set spec.acrServer to the registry host name, for example myregistry.azurecr.io")]
+    #[error(
+        "spec.acrServer is missing and the controller has no ACR_SERVER default: set spec.acrServer to the registry host name, for example myregistry.azurecr.io"
+    )]
     MissingServer,
     /// The registry is not a valid DNS host name.
-    #[error("spec.acrServer {server:?} is not a valid host name: use the registry's login server, for example myregistry.azurecr.io, without scheme or path")]
+    #[error(
+        "spec.acrServer {server:?} is not a valid host name: use the registry's login server, for example myregistry.azurecr.io, without scheme or path"
+    )]
     InvalidServer {
         /// The rejected value.
         server: String,
     },
     /// The registry is outside the allowed suffixes.
-    #[error("spec.acrServer {server:?} is not allowed: this controller only sends tokens to registries ending in {allowed}")]
+    #[error(
+        "spec.acrServer {server:?} is not allowed: this controller only sends tokens to registries ending in {allowed}"
+    )]
     ServerNotAllowed {
         /// The rejected value.
         server: String,
@@ -63,31 +69,43 @@ pub enum InvalidSpec {
         allowed: String,
     },
     /// No identity in the spec and no controller default.
-    #[error("no managed identity: set spec.managedIdentityClientID or spec.managedIdentityResourceID, or give the controller a MANAGED_IDENTITY_CLIENT_ID or MANAGED_IDENTITY_RESOURCE_ID default")]
+    #[error(
+        "no managed identity: set spec.managedIdentityClientID or spec.managedIdentityResourceID, or give the controller a MANAGED_IDENTITY_CLIENT_ID or MANAGED_IDENTITY_RESOURCE_ID default"
+    )]
     MissingIdentity,
     /// Both identity fields are set in the spec.
-    #[error("spec.managedIdentityClientID and spec.managedIdentityResourceID are both set: keep only one")]
+    #[error(
+        "spec.managedIdentityClientID and spec.managedIdentityResourceID are both set: keep only one"
+    )]
     AmbiguousIdentity,
     /// The resource ID does not look like an ARM user-assigned identity ID.
-    #[error("spec.managedIdentityResourceID {resource_id:?} is not a user-assigned identity resource ID: expected /subscriptions/<id>/resourceGroups/<group>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>")]
+    #[error(
+        "spec.managedIdentityResourceID {resource_id:?} is not a user-assigned identity resource ID: expected /subscriptions/<id>/resourceGroups/<group>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>"
+    )]
     InvalidResourceId {
         /// The rejected value.
         resource_id: String,
     },
     /// The client ID is not a GUID.
-    #[error("spec.managedIdentityClientID {client_id:?} is not a GUID: use the identity's client ID, for example 00000000-0000-0000-0000-000000000000")]
+    #[error(
+        "spec.managedIdentityClientID {client_id:?} is not a GUID: use the identity's client ID, for example 00000000-0000-0000-0000-000000000000"
+    )]
     InvalidClientId {
         /// The rejected value.
         client_id: String,
     },
     /// A scope entry is not `repository:<name>:<actions>` or `registry:catalog:*`.
-    #[error("spec.scope entry {entry:?} is invalid: expected space-separated entries such as repository:myapp:pull")]
+    #[error(
+        "spec.scope entry {entry:?} is invalid: expected space-separated entries such as repository:myapp:pull"
+    )]
     InvalidScope {
         /// The rejected entry.
         entry: String,
     },
     /// The ServiceAccount name is not a valid object name.
-    #[error("spec.serviceAccountName {name:?} is not a valid ServiceAccount name: use lowercase letters, digits, '-' and '.'")]
+    #[error(
+        "spec.serviceAccountName {name:?} is not a valid ServiceAccount name: use lowercase letters, digits, '-' and '.'"
+    )]
     InvalidServiceAccount {
         /// The rejected value.
         name: String,
@@ -150,7 +168,9 @@ fn resolve_identity(raw: &RawSpec, defaults: &Defaults) -> Result<Identity, Inva
         (None, None) => {
             if let Some(client) = non_empty(defaults.managed_identity_client_id.as_deref()) {
                 Identity::ClientId(client.to_owned())
-            } else if let Some(resource) = non_empty(defaults.managed_identity_resource_id.as_deref()) {
+            } else if let Some(resource) =
+                non_empty(defaults.managed_identity_resource_id.as_deref())
+            {
                 Identity::ResourceId(resource.to_owned())
             } else {
                 return Err(InvalidSpec::MissingIdentity);
@@ -204,7 +224,10 @@ fn validate_scope(scope: &str) -> Result<(), InvalidSpec> {
                 is_repository_name(name)
                     && !actions.is_empty()
                     && actions.split(',').all(|action| {
-                        matches!(action, "pull" | "push" | "delete" | "metadata_read" | "metadata_write" | "*")
+                        matches!(
+                            action,
+                            "pull" | "push" | "delete" | "metadata_read" | "metadata_write" | "*"
+                        )
                     })
             }
             ["registry", "catalog", "*"] => true,
@@ -231,7 +254,9 @@ fn is_dns_subdomain(value: &str) -> bool {
         && value.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -243,9 +268,9 @@ fn is_repository_name(name: &str) -> bool {
     !name.is_empty()
         && name.split('/').all(|component| {
             !component.is_empty()
-                && component
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+                && component.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+                })
                 && component.as_bytes()[0].is_ascii_alphanumeric()
                 && component.as_bytes()[component.len() - 1].is_ascii_alphanumeric()
         })
@@ -279,8 +304,7 @@ mod tests {
     use super::*;
 
     const CLIENT: &str = "11111111-2222-3333-4444-555555555555";
-    const RESOURCE: &str =
-        "/subscriptions/712288dc-f816-4242-b73f-a0a87265dcc8/resourceGroups/ids/providers/Microsoft.ManagedIdentity/userAssignedIdentities/puller";
+    const RESOURCE: &str = "/subscriptions/712288dc-f816-4242-b73f-a0a87265dcc8/resourceGroups/ids/providers/Microsoft.ManagedIdentity/userAssignedIdentities/puller";
 
     fn raw(server: Option<&str>, client: Option<&str>, resource: Option<&str>) -> RawSpec {
         RawSpec {
@@ -297,7 +321,11 @@ mod tests {
 
     #[test]
     fn resolve_minimal_spec() {
-        let desired = resolve(&raw(Some("Example.azurecr.io"), Some(CLIENT), None), &Defaults::default()).unwrap();
+        let desired = resolve(
+            &raw(Some("Example.azurecr.io"), Some(CLIENT), None),
+            &Defaults::default(),
+        )
+        .unwrap();
         assert_eq!(desired.acr_server, "example.azurecr.io");
         assert_eq!(desired.identity, Identity::ClientId(CLIENT.into()));
         assert_eq!(desired.service_account, "default");
@@ -334,35 +362,62 @@ mod tests {
             (raw(None, Some(CLIENT), None), InvalidSpec::MissingServer),
             (
                 raw(Some("https://a.azurecr.io"), Some(CLIENT), None),
-                InvalidSpec::InvalidServer { server: "https://a.azurecr.io".into() },
+                InvalidSpec::InvalidServer {
+                    server: "https://a.azurecr.io".into(),
+                },
             ),
-            (raw(Some("a.azurecr.io"), None, None), InvalidSpec::MissingIdentity),
-            (raw(Some("a.azurecr.io"), Some(CLIENT), Some(RESOURCE)), InvalidSpec::AmbiguousIdentity),
+            (
+                raw(Some("a.azurecr.io"), None, None),
+                InvalidSpec::MissingIdentity,
+            ),
+            (
+                raw(Some("a.azurecr.io"), Some(CLIENT), Some(RESOURCE)),
+                InvalidSpec::AmbiguousIdentity,
+            ),
             (
                 raw(Some("a.azurecr.io"), Some("not-a-guid"), None),
-                InvalidSpec::InvalidClientId { client_id: "not-a-guid".into() },
+                InvalidSpec::InvalidClientId {
+                    client_id: "not-a-guid".into(),
+                },
             ),
             (
                 raw(Some("a.azurecr.io"), None, Some("/subscriptions/x")),
-                InvalidSpec::InvalidResourceId { resource_id: "/subscriptions/x".into() },
+                InvalidSpec::InvalidResourceId {
+                    resource_id: "/subscriptions/x".into(),
+                },
             ),
         ];
         for (input, expected) in cases {
-            assert_eq!(resolve(&input, &Defaults::default()), Err(expected), "{input:?}");
+            assert_eq!(
+                resolve(&input, &Defaults::default()),
+                Err(expected),
+                "{input:?}"
+            );
         }
     }
 
     #[test]
     fn scope_validation() {
         let mut input = raw(Some("a.azurecr.io"), Some(CLIENT), None);
-        for valid in ["repository:app:pull", "repository:team/app:pull,metadata_read  registry:catalog:*"] {
+        for valid in [
+            "repository:app:pull",
+            "repository:team/app:pull,metadata_read  registry:catalog:*",
+        ] {
             input.scope = Some(valid.into());
             assert!(resolve(&input, &Defaults::default()).is_ok(), "{valid}");
         }
-        for invalid in ["repository:app", "repo:app:pull", "repository:App:pull", "repository:app:fly"] {
+        for invalid in [
+            "repository:app",
+            "repo:app:pull",
+            "repository:App:pull",
+            "repository:app:fly",
+        ] {
             input.scope = Some(invalid.into());
             assert!(
-                matches!(resolve(&input, &Defaults::default()), Err(InvalidSpec::InvalidScope { .. })),
+                matches!(
+                    resolve(&input, &Defaults::default()),
+                    Err(InvalidSpec::InvalidScope { .. })
+                ),
                 "{invalid}"
             );
         }
@@ -373,10 +428,23 @@ mod tests {
         let policy = RegistryPolicy {
             allowed_suffixes: vec![".azurecr.io".into()],
         };
-        let ok = resolve_v1beta1("app", &raw(Some("a.azurecr.io"), Some(CLIENT), None), &Defaults::default(), &policy);
+        let ok = resolve_v1beta1(
+            "app",
+            &raw(Some("a.azurecr.io"), Some(CLIENT), None),
+            &Defaults::default(),
+            &policy,
+        );
         assert!(ok.is_ok());
-        let rejected = resolve_v1beta1("app", &raw(Some("evil.example.com"), Some(CLIENT), None), &Defaults::default(), &policy);
-        assert!(matches!(rejected, Err(InvalidSpec::ServerNotAllowed { .. })));
+        let rejected = resolve_v1beta1(
+            "app",
+            &raw(Some("evil.example.com"), Some(CLIENT), None),
+            &Defaults::default(),
+            &policy,
+        );
+        assert!(matches!(
+            rejected,
+            Err(InvalidSpec::ServerNotAllowed { .. })
+        ));
     }
 
     #[test]

@@ -11,7 +11,9 @@ use jiff::Timestamp;
 
 use crate::clock::whole_seconds;
 use crate::command::{Command, TimerPurpose};
-use crate::event::{BindingEvent, ObservedBinding, ObservedSecret, ObservedServiceAccount, ObservedStatus};
+use crate::event::{
+    BindingEvent, ObservedBinding, ObservedSecret, ObservedServiceAccount, ObservedStatus,
+};
 use crate::model::{BindingKey, DesiredBinding, InputsHash, IssuedToken, TokenError};
 use crate::refresh::RefreshPolicy;
 use crate::spec::InvalidSpec;
@@ -246,8 +248,12 @@ impl BindingState {
             }
             BindingEvent::ServiceAccountObserved(account) => self.observe_service_account(account),
             BindingEvent::ServiceAccountGone { name } => self.forget_service_account(name),
-            BindingEvent::TokenIssued { inputs_hash, token } => self.accept_token(inputs_hash, token, now),
-            BindingEvent::TokenFailed { inputs_hash, error } => self.record_token_failure(inputs_hash, error),
+            BindingEvent::TokenIssued { inputs_hash, token } => {
+                self.accept_token(inputs_hash, token, now)
+            }
+            BindingEvent::TokenFailed { inputs_hash, error } => {
+                self.record_token_failure(inputs_hash, error)
+            }
             BindingEvent::WriteDone(write) => self.complete_write(write),
             BindingEvent::WriteFailed { write, error } => self.fail_write(write, error),
             BindingEvent::TimerFired => {
@@ -265,7 +271,8 @@ impl BindingState {
             Command::RequestToken { inputs_hash, .. } => self.in_flight = Some(inputs_hash.clone()),
             Command::Write(ClusterWrite::PublishEvent(_)) | Command::Stop => {}
             Command::Write(write) => {
-                self.pending_writes.insert(write.coalesce_key(0), write.clone());
+                self.pending_writes
+                    .insert(write.coalesce_key(0), write.clone());
             }
             Command::ArmTimer { at, purpose } => {
                 self.timer_at = Some(*at);
@@ -308,16 +315,17 @@ impl BindingState {
                 }
                 self.secret_name = Some(desired.secret_name.clone());
             }
-            self.retarget(PullSecretReference::new(&desired.service_account, &desired.secret_name));
+            self.retarget(PullSecretReference::new(
+                &desired.service_account,
+                &desired.secret_name,
+            ));
 
             // Ready=True is only written while the target lists the Secret, and the same
             // generation means the same target. Trusting it lets a restart send no write. A
             // ServiceAccount event that reports otherwise still wins.
-            let ready_now = observed
-                .status
-                .ready
-                .as_ref()
-                .is_some_and(|ready| ready.ready && ready.observed_generation == observed.generation);
+            let ready_now = observed.status.ready.as_ref().is_some_and(|ready| {
+                ready.ready && ready.observed_generation == observed.generation
+            });
             if ready_now && self.target_state == ReferenceState::Unknown {
                 self.target_state = ReferenceState::Referenced;
             }
@@ -396,13 +404,16 @@ impl BindingState {
             return true;
         };
         if self.secret_name.as_ref().is_some_and(|name| {
-            self.pending_writes.contains_key(&CoalesceKey::Secret(name.clone()))
+            self.pending_writes
+                .contains_key(&CoalesceKey::Secret(name.clone()))
         }) {
             return false;
         }
 
         let wanted = self.desired().map(DesiredBinding::inputs_hash);
-        let rank = |hash: &InputsHash, token: &IssuedToken| (Some(hash) == wanted.as_ref(), token.expires_at);
+        let rank = |hash: &InputsHash, token: &IssuedToken| {
+            (Some(hash) == wanted.as_ref(), token.expires_at)
+        };
         rank(hash, token) > rank(&held.inputs_hash, &held.token)
     }
 
@@ -417,15 +428,21 @@ impl BindingState {
             };
         }
         if !account.references_secret {
-            self.stale_references.retain(|stale| stale.service_account != account.name);
+            self.stale_references
+                .retain(|stale| stale.service_account != account.name);
         }
     }
 
     fn forget_service_account(&mut self, name: &str) {
-        if self.target.as_ref().is_some_and(|target| target.service_account == name) {
+        if self
+            .target
+            .as_ref()
+            .is_some_and(|target| target.service_account == name)
+        {
             self.target_state = ReferenceState::ServiceAccountMissing;
         }
-        self.stale_references.retain(|stale| stale.service_account != name);
+        self.stale_references
+            .retain(|stale| stale.service_account != name);
     }
 
     /// Ends the request in flight for `inputs_hash`. Returns `false` for a result that matches
@@ -515,7 +532,10 @@ impl BindingState {
                     return;
                 }
                 match &mut self.token {
-                    Some(held) if held.token == content.token && held.inputs_hash == content.inputs_hash => {
+                    Some(held)
+                        if held.token == content.token
+                            && held.inputs_hash == content.inputs_hash =>
+                    {
                         held.store_count += 1;
                         self.secret = SecretState::Current;
                     }
@@ -551,9 +571,9 @@ impl BindingState {
     }
 
     fn is_target(&self, service_account: &str, secret_name: &str) -> bool {
-        self.target
-            .as_ref()
-            .is_some_and(|target| target.service_account == service_account && target.secret_name == secret_name)
+        self.target.as_ref().is_some_and(|target| {
+            target.service_account == service_account && target.secret_name == secret_name
+        })
     }
 
     fn fail_write(&mut self, write: &ClusterWrite, error: &WriteError) {
@@ -572,7 +592,11 @@ impl BindingState {
             return;
         }
 
-        let attempts = self.write_failures.get(&key).map_or(0, |failure| failure.attempts) + 1;
+        let attempts = self
+            .write_failures
+            .get(&key)
+            .map_or(0, |failure| failure.attempts)
+            + 1;
         self.write_failures.insert(
             key,
             WriteFailure {
@@ -608,7 +632,9 @@ impl BindingState {
                 }
                 true
             }
-            ClusterWrite::RemovePullSecretReference { service_account, .. } => {
+            ClusterWrite::RemovePullSecretReference {
+                service_account, ..
+            } => {
                 self.forget_service_account(service_account);
                 true
             }
@@ -674,7 +700,11 @@ mod tests {
         }
     }
 
-    fn observed_secret(token: Option<IssuedToken>, hash: Option<InputsHash>, owned: bool) -> ObservedSecret {
+    fn observed_secret(
+        token: Option<IssuedToken>,
+        hash: Option<InputsHash>,
+        owned: bool,
+    ) -> ObservedSecret {
         ObservedSecret {
             name: "app-msi-acrpull-secret".into(),
             inputs_hash: hash,
@@ -698,7 +728,10 @@ mod tests {
 
         let previous = PullSecretReference::new("a", "app-msi-acrpull-secret");
         assert!(state.stale_references.contains(&previous));
-        assert_eq!(state.target, Some(PullSecretReference::new("b", "app-msi-acrpull-secret")));
+        assert_eq!(
+            state.target,
+            Some(PullSecretReference::new("b", "app-msi-acrpull-secret"))
+        );
         assert_eq!(state.target_state, ReferenceState::Unknown);
     }
 
@@ -732,9 +765,21 @@ mod tests {
         let other_hash = InputsHash("other".into());
         let cases = [
             // (held token, observed token, observed hash, expected state, expected held value)
-            (None, Some(issued("seen", 0, 4500)), Some(hash.clone()), SecretState::Current, Some("seen")),
+            (
+                None,
+                Some(issued("seen", 0, 4500)),
+                Some(hash.clone()),
+                SecretState::Current,
+                Some("seen"),
+            ),
             (None, None, Some(hash.clone()), SecretState::Outdated, None),
-            (None, Some(issued("seen", 0, 4500)), None, SecretState::Outdated, None),
+            (
+                None,
+                Some(issued("seen", 0, 4500)),
+                None,
+                SecretState::Outdated,
+                None,
+            ),
             (
                 Some(issued("held", 0, 4500)),
                 Some(issued("held", 0, 4500)),
@@ -783,7 +828,10 @@ mod tests {
 
             assert_eq!(state.secret, expected_state, "{description}");
             assert_eq!(
-                state.token.as_ref().map(|held| held.token.token.expose().to_owned()),
+                state
+                    .token
+                    .as_ref()
+                    .map(|held| held.token.token.expose().to_owned()),
                 expected_held.map(str::to_owned),
                 "{description}"
             );
@@ -795,7 +843,11 @@ mod tests {
         let mut state = state();
         let hash = desired("default").inputs_hash();
         state.apply(
-            &BindingEvent::SecretObserved(observed_secret(Some(issued("seen", 0, 4500)), Some(hash), true)),
+            &BindingEvent::SecretObserved(observed_secret(
+                Some(issued("seen", 0, 4500)),
+                Some(hash),
+                true,
+            )),
             at(100),
         );
 
@@ -839,7 +891,12 @@ mod tests {
         secret.name = "copy".into();
 
         state.apply(&BindingEvent::SecretObserved(secret), at(1));
-        state.apply(&BindingEvent::SecretGone { name: "copy".into() }, at(1));
+        state.apply(
+            &BindingEvent::SecretGone {
+                name: "copy".into(),
+            },
+            at(1),
+        );
 
         assert_eq!(state.secret, SecretState::Unknown);
     }
@@ -902,7 +959,11 @@ mod tests {
             at(1),
         );
 
-        assert!(state.pending_writes.contains_key(&CoalesceKey::BindingMetadata));
+        assert!(
+            state
+                .pending_writes
+                .contains_key(&CoalesceKey::BindingMetadata)
+        );
         assert!(state.write_failures.is_empty());
     }
 

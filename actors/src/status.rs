@@ -34,7 +34,11 @@ pub const REASON_CLEANUP_FAILED: &str = "CleanupFailed";
 /// report: the spec is not observed yet, the binding is being deleted, or a token or a write
 /// is still on its way.
 #[must_use]
-pub fn desired_status(state: &BindingState, policy: &RefreshPolicy, now: Timestamp) -> Option<StatusUpdate> {
+pub fn desired_status(
+    state: &BindingState,
+    policy: &RefreshPolicy,
+    now: Timestamp,
+) -> Option<StatusUpdate> {
     if state.deleting {
         return None;
     }
@@ -163,8 +167,12 @@ fn describe_object(write: &ClusterWrite) -> String {
         ClusterWrite::AddFinalizer | ClusterWrite::RemoveFinalizer => "the finalizer".to_owned(),
         ClusterWrite::ApplySecret(content) => format!("Secret {}", content.name),
         ClusterWrite::DeleteSecret { name } => format!("Secret {name}"),
-        ClusterWrite::AddPullSecretReference { service_account, .. }
-        | ClusterWrite::RemovePullSecretReference { service_account, .. } => {
+        ClusterWrite::AddPullSecretReference {
+            service_account, ..
+        }
+        | ClusterWrite::RemovePullSecretReference {
+            service_account, ..
+        } => {
             format!("the imagePullSecrets of ServiceAccount {service_account}")
         }
         ClusterWrite::UpdateStatus(_) => "the status".to_owned(),
@@ -181,10 +189,9 @@ fn status_times(state: &BindingState) -> (Option<Timestamp>, Option<Timestamp>) 
             Some(whole_seconds(held.refreshed_at)),
             Some(whole_seconds(held.token.expires_at)),
         ),
-        None => state
-            .status
-            .as_ref()
-            .map_or((None, None), |status| (status.last_token_refresh, status.token_expiration)),
+        None => state.status.as_ref().map_or((None, None), |status| {
+            (status.last_token_refresh, status.token_expiration)
+        }),
     }
 }
 
@@ -201,12 +208,18 @@ pub fn status_differs(previous: Option<&ObservedStatus>, update: &StatusUpdate) 
 /// event with the Ready reason. An unchanged status announces nothing, so a failure that
 /// repeats at every retry produces one Event, not one per retry.
 #[must_use]
-pub fn status_notices(previous: Option<&ObservedStatus>, update: &StatusUpdate, state: &BindingState) -> Vec<Notice> {
+pub fn status_notices(
+    previous: Option<&ObservedStatus>,
+    update: &StatusUpdate,
+    state: &BindingState,
+) -> Vec<Notice> {
     let mut notices = Vec::new();
 
     let previous_refresh = previous.and_then(|status| status.last_token_refresh);
-    let refreshed = update.last_token_refresh.is_some() && update.last_token_refresh > previous_refresh;
-    if refreshed && let (Some(desired), Some(expires)) = (state.desired(), update.token_expiration) {
+    let refreshed =
+        update.last_token_refresh.is_some() && update.last_token_refresh > previous_refresh;
+    if refreshed && let (Some(desired), Some(expires)) = (state.desired(), update.token_expiration)
+    {
         notices.push(Notice {
             warning: false,
             reason: REASON_TOKEN_REFRESHED.to_owned(),
@@ -245,7 +258,8 @@ mod tests {
     use crate::state::HeldToken;
 
     fn at(offset_secs: i64) -> Timestamp {
-        "2025-01-01T00:00:00Z".parse::<Timestamp>().unwrap() + jiff::SignedDuration::from_secs(offset_secs)
+        "2025-01-01T00:00:00Z".parse::<Timestamp>().unwrap()
+            + jiff::SignedDuration::from_secs(offset_secs)
     }
 
     fn desired() -> DesiredBinding {
@@ -298,8 +312,16 @@ mod tests {
                 |state| state.target_state = ReferenceState::ServiceAccountMissing,
                 Some((false, REASON_SERVICE_ACCOUNT_NOT_FOUND)),
             ),
-            ("reference pending", |state| state.target_state = ReferenceState::Unknown, None),
-            ("secret outdated", |state| state.secret = SecretState::Outdated, None),
+            (
+                "reference pending",
+                |state| state.target_state = ReferenceState::Unknown,
+                None,
+            ),
+            (
+                "secret outdated",
+                |state| state.secret = SecretState::Outdated,
+                None,
+            ),
             (
                 "secret not owned",
                 |state| state.secret = SecretState::NotOwned,
@@ -330,13 +352,23 @@ mod tests {
 
             let status = desired_status(&state, &policy, at(10));
 
-            let summary = status.as_ref().map(|status| (status.ready.ready, status.ready.reason.as_str()));
+            let summary = status
+                .as_ref()
+                .map(|status| (status.ready.ready, status.ready.reason.as_str()));
             assert_eq!(summary, expected, "{name}");
             if let Some(status) = status {
-                assert_eq!(status.error.is_none(), status.ready.ready, "{name}: error iff not ready");
+                assert_eq!(
+                    status.error.is_none(),
+                    status.ready.ready,
+                    "{name}: error iff not ready"
+                );
                 assert_eq!(status.ready.observed_generation, 3, "{name}");
                 assert_eq!(status.last_token_refresh, Some(at(0)), "{name}: times kept");
-                assert_eq!(status.token_expiration, Some(at(4500)), "{name}: times kept");
+                assert_eq!(
+                    status.token_expiration,
+                    Some(at(4500)),
+                    "{name}: times kept"
+                );
             }
         }
     }
@@ -363,7 +395,10 @@ mod tests {
     #[test]
     fn stale_token_reports_nothing() {
         let state = ready_state();
-        assert_eq!(desired_status(&state, &RefreshPolicy::default(), at(4000)), None);
+        assert_eq!(
+            desired_status(&state, &RefreshPolicy::default(), at(4000)),
+            None
+        );
     }
 
     #[test]
@@ -396,16 +431,36 @@ mod tests {
         older.last_token_refresh = Some(at(-4000));
 
         let cases = [
-            ("first refresh", None, ready.clone(), vec![(false, REASON_TOKEN_REFRESHED)]),
-            ("newer refresh", Some(older), ready.clone(), vec![(false, REASON_TOKEN_REFRESHED)]),
-            ("unchanged", Some(ObservedStatus::from(&ready)), ready.clone(), vec![]),
+            (
+                "first refresh",
+                None,
+                ready.clone(),
+                vec![(false, REASON_TOKEN_REFRESHED)],
+            ),
+            (
+                "newer refresh",
+                Some(older),
+                ready.clone(),
+                vec![(false, REASON_TOKEN_REFRESHED)],
+            ),
+            (
+                "unchanged",
+                Some(ObservedStatus::from(&ready)),
+                ready.clone(),
+                vec![],
+            ),
             (
                 "new failure",
                 Some(ObservedStatus::from(&ready)),
                 failing.clone(),
                 vec![(true, REASON_TOKEN_REFRESH_FAILED)],
             ),
-            ("repeated failure", Some(ObservedStatus::from(&failing)), failing.clone(), vec![]),
+            (
+                "repeated failure",
+                Some(ObservedStatus::from(&failing)),
+                failing.clone(),
+                vec![],
+            ),
             (
                 "recovered without new token",
                 Some(ObservedStatus::from(&failing)),
@@ -428,7 +483,10 @@ mod tests {
     fn status_differs_compares_all_fields() {
         let state = ready_state();
         let update = desired_status(&state, &RefreshPolicy::default(), at(10)).unwrap();
-        assert!(!status_differs(Some(&ObservedStatus::from(&update)), &update));
+        assert!(!status_differs(
+            Some(&ObservedStatus::from(&update)),
+            &update
+        ));
         assert!(status_differs(None, &update));
 
         let mut other_generation = ObservedStatus::from(&update);

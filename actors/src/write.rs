@@ -118,20 +118,29 @@ impl ClusterWrite {
     /// ServiceAccount references. Status and events only report.
     #[must_use]
     pub fn is_urgent(&self) -> bool {
-        !matches!(self, ClusterWrite::UpdateStatus(_) | ClusterWrite::PublishEvent(_))
+        !matches!(
+            self,
+            ClusterWrite::UpdateStatus(_) | ClusterWrite::PublishEvent(_)
+        )
     }
 
     /// Returns the key under which a newer queued write replaces an older one.
     #[must_use]
     pub fn coalesce_key(&self, sequence: u64) -> CoalesceKey {
         match self {
-            ClusterWrite::AddFinalizer | ClusterWrite::RemoveFinalizer => CoalesceKey::BindingMetadata,
+            ClusterWrite::AddFinalizer | ClusterWrite::RemoveFinalizer => {
+                CoalesceKey::BindingMetadata
+            }
             ClusterWrite::ApplySecret(content) => CoalesceKey::Secret(content.name.clone()),
             ClusterWrite::DeleteSecret { name } => CoalesceKey::Secret(name.clone()),
-            ClusterWrite::AddPullSecretReference { service_account, secret_name }
-            | ClusterWrite::RemovePullSecretReference { service_account, secret_name } => {
-                CoalesceKey::Reference(service_account.clone(), secret_name.clone())
+            ClusterWrite::AddPullSecretReference {
+                service_account,
+                secret_name,
             }
+            | ClusterWrite::RemovePullSecretReference {
+                service_account,
+                secret_name,
+            } => CoalesceKey::Reference(service_account.clone(), secret_name.clone()),
             ClusterWrite::UpdateStatus(_) => CoalesceKey::BindingStatus,
             ClusterWrite::PublishEvent(_) => CoalesceKey::Event(sequence),
         }

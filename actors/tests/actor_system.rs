@@ -9,9 +9,13 @@ use std::time::Duration;
 
 use acrpull_actors::actor::system::{ActorSystem, DeliverError, SystemConfig};
 use acrpull_actors::clock::Clock;
-use acrpull_actors::event::{BindingEvent, ObservedBinding, ObservedSecret, ObservedServiceAccount, ObservedStatus};
+use acrpull_actors::event::{
+    BindingEvent, ObservedBinding, ObservedSecret, ObservedServiceAccount, ObservedStatus,
+};
 use acrpull_actors::memory::{MemoryCluster, MemoryClusterWriter, MemoryTokenSource};
-use acrpull_actors::model::{BindingKey, DesiredBinding, Identity, TokenError, v1beta1_secret_name};
+use acrpull_actors::model::{
+    BindingKey, DesiredBinding, Identity, TokenError, v1beta1_secret_name,
+};
 use acrpull_actors::write::{SecretContent, WriteKind};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -31,8 +35,13 @@ fn start_with(clock: Clock, cluster: MemoryClusterWriter) -> Fixture {
     config.writer.qps = 100_000;
     config.writer.burst = 100_000;
     let source = MemoryTokenSource::new(clock);
-    let system = ActorSystem::start(config, Arc::new(source.clone()), Arc::new(cluster.clone())).unwrap();
-    Fixture { system, source, cluster }
+    let system =
+        ActorSystem::start(config, Arc::new(source.clone()), Arc::new(cluster.clone())).unwrap();
+    Fixture {
+        system,
+        source,
+        cluster,
+    }
 }
 
 fn start(clock: Clock) -> Fixture {
@@ -51,7 +60,11 @@ fn desired(name: &str, identity: &str) -> DesiredBinding {
     }
 }
 
-fn spec_event(desired: DesiredBinding, has_finalizer: bool, status: ObservedStatus) -> BindingEvent {
+fn spec_event(
+    desired: DesiredBinding,
+    has_finalizer: bool,
+    status: ObservedStatus,
+) -> BindingEvent {
     BindingEvent::SpecObserved(ObservedBinding {
         generation: 1,
         spec: Ok(desired),
@@ -65,7 +78,10 @@ fn key(name: &str) -> BindingKey {
 }
 
 fn ready(cluster: &MemoryCluster, name: &str) -> bool {
-    cluster.statuses.get(&key(name)).is_some_and(|status| status.ready.ready)
+    cluster
+        .statuses
+        .get(&key(name))
+        .is_some_and(|status| status.ready.ready)
 }
 
 fn secret_of<'a>(cluster: &'a MemoryCluster, name: &str) -> Option<&'a SecretContent> {
@@ -76,11 +92,17 @@ fn secret_of<'a>(cluster: &'a MemoryCluster, name: &str) -> Option<&'a SecretCon
 async fn binding_gets_secret_and_reference() {
     let fixture = start(Clock::System);
 
-    fixture
-        .system
-        .deliver(key("app"), spec_event(desired("app", "x"), false, ObservedStatus::default()));
+    fixture.system.deliver(
+        key("app"),
+        spec_event(desired("app", "x"), false, ObservedStatus::default()),
+    );
 
-    assert!(fixture.cluster.wait_until(WAIT, |cluster| ready(cluster, "app")).await);
+    assert!(
+        fixture
+            .cluster
+            .wait_until(WAIT, |cluster| ready(cluster, "app"))
+            .await
+    );
     let cluster = fixture.cluster.snapshot();
     assert!(cluster.finalizers.contains(&key("app")));
     let secret = secret_of(&cluster, "app").expect("secret written");
@@ -93,8 +115,16 @@ async fn binding_gets_secret_and_reference() {
     let status = &cluster.statuses[&key("app")];
     assert_eq!(status.ready.reason, "TokenRefreshed");
     assert_eq!(status.error, None);
-    assert_eq!(status.token_expiration.map(jiff::Timestamp::as_second), Some(secret.token.expires_at.as_second()));
-    assert!(cluster.events.iter().any(|(_, notice)| notice.reason == "TokenRefreshed"));
+    assert_eq!(
+        status.token_expiration.map(jiff::Timestamp::as_second),
+        Some(secret.token.expires_at.as_second())
+    );
+    assert!(
+        cluster
+            .events
+            .iter()
+            .any(|(_, notice)| notice.reason == "TokenRefreshed")
+    );
     assert_eq!(fixture.source.calls(), 1);
     assert_eq!(fixture.system.binding_count(), 1);
 }
@@ -105,20 +135,34 @@ async fn short_tokens_are_refreshed() {
     let fixture = start(Clock::tokio());
     fixture.source.set_lifetime(Duration::from_secs(20));
 
-    fixture
-        .system
-        .deliver(key("app"), spec_event(desired("app", "x"), true, ObservedStatus::default()));
-    assert!(fixture.cluster.wait_until(WAIT, |cluster| ready(cluster, "app")).await);
-    let first = secret_of(&fixture.cluster.snapshot(), "app").unwrap().token.clone();
+    fixture.system.deliver(
+        key("app"),
+        spec_event(desired("app", "x"), true, ObservedStatus::default()),
+    );
+    assert!(
+        fixture
+            .cluster
+            .wait_until(WAIT, |cluster| ready(cluster, "app"))
+            .await
+    );
+    let first = secret_of(&fixture.cluster.snapshot(), "app")
+        .unwrap()
+        .token
+        .clone();
 
     tokio::time::sleep(Duration::from_secs(9)).await;
-    assert_eq!(fixture.source.calls(), 1, "no refresh before half the lifetime");
+    assert_eq!(
+        fixture.source.calls(),
+        1,
+        "no refresh before half the lifetime"
+    );
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         fixture
             .cluster
-            .wait_until(WAIT, |cluster| secret_of(cluster, "app").is_some_and(|secret| secret.token != first))
+            .wait_until(WAIT, |cluster| secret_of(cluster, "app")
+                .is_some_and(|secret| secret.token != first))
             .await
     );
     assert_eq!(fixture.source.calls(), 2);
@@ -126,7 +170,12 @@ async fn short_tokens_are_refreshed() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(fixture.source.calls(), 5, "one refresh every 10 s");
     let snapshot = fixture.system.inspect(key("app")).await.unwrap();
-    assert!(snapshot.journal.iter().any(|entry| entry.event == "TimerFired"));
+    assert!(
+        snapshot
+            .journal
+            .iter()
+            .any(|entry| entry.event == "TimerFired")
+    );
 }
 
 #[actix_rt::test]
@@ -143,9 +192,10 @@ async fn failure_backs_off_then_recovers() {
     );
     let started = tokio::time::Instant::now();
 
-    fixture
-        .system
-        .deliver(key("app"), spec_event(desired("app", "x"), true, ObservedStatus::default()));
+    fixture.system.deliver(
+        key("app"),
+        spec_event(desired("app", "x"), true, ObservedStatus::default()),
+    );
 
     assert!(
         fixture
@@ -157,18 +207,33 @@ async fn failure_backs_off_then_recovers() {
             .await
     );
     let failed = fixture.cluster.snapshot();
-    assert!(secret_of(&failed, "app").is_none(), "no Secret without a token");
+    assert!(
+        secret_of(&failed, "app").is_none(),
+        "no Secret without a token"
+    );
     let error = failed.statuses[&key("app")].error.clone().unwrap();
     assert!(error.contains("IMDS returned 500"), "{error}");
     assert!(error.contains("ns/app"), "{error}");
 
-    assert!(fixture.cluster.wait_until(WAIT, |cluster| ready(cluster, "app")).await);
+    assert!(
+        fixture
+            .cluster
+            .wait_until(WAIT, |cluster| ready(cluster, "app"))
+            .await
+    );
     assert_eq!(fixture.source.calls(), 4);
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(3500), "three backoff delays of at least 0.5, 1 and 2 s: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(3500),
+        "three backoff delays of at least 0.5, 1 and 2 s: {elapsed:?}"
+    );
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
     let cluster = fixture.cluster.snapshot();
-    assert_eq!(cluster.statuses[&key("app")].error, None, "success clears the error");
+    assert_eq!(
+        cluster.statuses[&key("app")].error,
+        None,
+        "success clears the error"
+    );
     let warnings = cluster
         .events
         .iter()
@@ -182,11 +247,19 @@ async fn refresh_failure_keeps_the_secret() {
     tokio::time::pause();
     let fixture = start(Clock::tokio());
     fixture.source.set_lifetime(Duration::from_secs(20));
-    fixture
-        .system
-        .deliver(key("app"), spec_event(desired("app", "x"), true, ObservedStatus::default()));
-    assert!(fixture.cluster.wait_until(WAIT, |cluster| ready(cluster, "app")).await);
-    let stored = secret_of(&fixture.cluster.snapshot(), "app").unwrap().clone();
+    fixture.system.deliver(
+        key("app"),
+        spec_event(desired("app", "x"), true, ObservedStatus::default()),
+    );
+    assert!(
+        fixture
+            .cluster
+            .wait_until(WAIT, |cluster| ready(cluster, "app"))
+            .await
+    );
+    let stored = secret_of(&fixture.cluster.snapshot(), "app")
+        .unwrap()
+        .clone();
 
     fixture.source.fail_next(
         100,
@@ -199,7 +272,11 @@ async fn refresh_failure_keeps_the_secret() {
     tokio::time::sleep(Duration::from_secs(15)).await;
 
     let cluster = fixture.cluster.snapshot();
-    assert_eq!(secret_of(&cluster, "app"), Some(&stored), "the Secret keeps the last good token");
+    assert_eq!(
+        secret_of(&cluster, "app"),
+        Some(&stored),
+        "the Secret keeps the last good token"
+    );
     assert_eq!(cluster.count(WriteKind::DeleteSecret), 0);
     let status = &cluster.statuses[&key("app")];
     assert_eq!(status.ready.reason, "TokenRefreshFailed");
@@ -217,15 +294,25 @@ async fn bindings_share_one_token_request() {
 
     for index in 0..100 {
         let name = format!("app-{index}");
-        fixture
-            .system
-            .deliver(key(&name), spec_event(desired(&name, "x"), true, ObservedStatus::default()));
+        fixture.system.deliver(
+            key(&name),
+            spec_event(desired(&name, "x"), true, ObservedStatus::default()),
+        );
     }
 
-    assert!(fixture.cluster.wait_until(WAIT, |cluster| cluster.statuses.len() == 100).await);
+    assert!(
+        fixture
+            .cluster
+            .wait_until(WAIT, |cluster| cluster.statuses.len() == 100)
+            .await
+    );
     let cluster = fixture.cluster.snapshot();
     assert!(cluster.statuses.values().all(|status| status.ready.ready));
-    assert_eq!(fixture.source.calls(), 1, "one exchange for 100 bindings with the same inputs");
+    assert_eq!(
+        fixture.source.calls(),
+        1,
+        "one exchange for 100 bindings with the same inputs"
+    );
     assert_eq!(cluster.pull_secrets("ns", "default").unwrap().len(), 100);
     let stats = fixture.system.stats();
     assert_eq!(stats.token_requests, 100);
@@ -238,12 +325,18 @@ async fn different_identities_get_separate_tokens() {
     let fixture = start(Clock::System);
 
     for (name, identity) in [("a", "x"), ("b", "y"), ("c", "x")] {
-        fixture
-            .system
-            .deliver(key(name), spec_event(desired(name, identity), true, ObservedStatus::default()));
+        fixture.system.deliver(
+            key(name),
+            spec_event(desired(name, identity), true, ObservedStatus::default()),
+        );
     }
 
-    assert!(fixture.cluster.wait_until(WAIT, |cluster| cluster.statuses.len() == 3).await);
+    assert!(
+        fixture
+            .cluster
+            .wait_until(WAIT, |cluster| cluster.statuses.len() == 3)
+            .await
+    );
     assert_eq!(fixture.source.calls(), 2);
 }
 
@@ -252,12 +345,20 @@ async fn deletion_cleans_up_and_removes_finalizer() {
     let cluster = MemoryClusterWriter::new();
     cluster.set_service_account("ns", "default", &["unmanaged-first", "unmanaged-second"]);
     let fixture = start_with(Clock::System, cluster);
+    fixture.system.deliver(
+        key("app"),
+        spec_event(desired("app", "x"), false, ObservedStatus::default()),
+    );
+    assert!(
+        fixture
+            .cluster
+            .wait_until(WAIT, |cluster| ready(cluster, "app"))
+            .await
+    );
+
     fixture
         .system
-        .deliver(key("app"), spec_event(desired("app", "x"), false, ObservedStatus::default()));
-    assert!(fixture.cluster.wait_until(WAIT, |cluster| ready(cluster, "app")).await);
-
-    fixture.system.deliver(key("app"), BindingEvent::DeletionRequested);
+        .deliver(key("app"), BindingEvent::DeletionRequested);
 
     assert!(
         fixture
@@ -273,7 +374,9 @@ async fn deletion_cleans_up_and_removes_finalizer() {
         "other entries keep their order"
     );
 
-    fixture.system.deliver(key("app"), BindingEvent::BindingRemoved);
+    fixture
+        .system
+        .deliver(key("app"), BindingEvent::BindingRemoved);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(fixture.system.binding_count(), 0);
 }
@@ -281,20 +384,25 @@ async fn deletion_cleans_up_and_removes_finalizer() {
 #[actix_rt::test]
 async fn deletion_finishes_without_service_account() {
     let fixture = start_with(Clock::System, MemoryClusterWriter::new());
-    fixture
-        .system
-        .deliver(key("app"), spec_event(desired("app", "x"), false, ObservedStatus::default()));
+    fixture.system.deliver(
+        key("app"),
+        spec_event(desired("app", "x"), false, ObservedStatus::default()),
+    );
     assert!(
         fixture
             .cluster
             .wait_until(WAIT, |cluster| cluster
                 .statuses
                 .get(&key("app"))
-                .is_some_and(|status| status.ready.reason == "ServiceAccountNotFound"))
+                .is_some_and(
+                    |status| status.ready.reason == "ServiceAccountNotFound"
+                ))
             .await
     );
 
-    fixture.system.deliver(key("app"), BindingEvent::DeletionRequested);
+    fixture
+        .system
+        .deliver(key("app"), BindingEvent::DeletionRequested);
 
     assert!(
         fixture
@@ -308,19 +416,25 @@ async fn deletion_finishes_without_service_account() {
 #[actix_rt::test]
 async fn missing_service_account_is_reported_until_it_appears() {
     let fixture = start_with(Clock::System, MemoryClusterWriter::new());
-    fixture
-        .system
-        .deliver(key("app"), spec_event(desired("app", "x"), true, ObservedStatus::default()));
+    fixture.system.deliver(
+        key("app"),
+        spec_event(desired("app", "x"), true, ObservedStatus::default()),
+    );
     assert!(
         fixture
             .cluster
             .wait_until(WAIT, |cluster| cluster
                 .statuses
                 .get(&key("app"))
-                .is_some_and(|status| status.ready.reason == "ServiceAccountNotFound"))
+                .is_some_and(
+                    |status| status.ready.reason == "ServiceAccountNotFound"
+                ))
             .await
     );
-    assert!(fixture.cluster.snapshot().service_accounts.is_empty(), "never creates a ServiceAccount");
+    assert!(
+        fixture.cluster.snapshot().service_accounts.is_empty(),
+        "never creates a ServiceAccount"
+    );
 
     fixture.cluster.add_service_account("ns", "default");
     fixture.system.deliver(
@@ -332,7 +446,12 @@ async fn missing_service_account_is_reported_until_it_appears() {
         }),
     );
 
-    assert!(fixture.cluster.wait_until(WAIT, |cluster| ready(cluster, "app")).await);
+    assert!(
+        fixture
+            .cluster
+            .wait_until(WAIT, |cluster| ready(cluster, "app"))
+            .await
+    );
     assert_eq!(fixture.source.calls(), 1);
 }
 
@@ -341,10 +460,15 @@ async fn restart_adopts_the_stored_secret() {
     let cluster = MemoryClusterWriter::new();
     cluster.add_service_account("ns", "default");
     let first = start_with(Clock::System, cluster.clone());
-    first
-        .system
-        .deliver(key("app"), spec_event(desired("app", "x"), true, ObservedStatus::default()));
-    assert!(cluster.wait_until(WAIT, |cluster| ready(cluster, "app")).await);
+    first.system.deliver(
+        key("app"),
+        spec_event(desired("app", "x"), true, ObservedStatus::default()),
+    );
+    assert!(
+        cluster
+            .wait_until(WAIT, |cluster| ready(cluster, "app"))
+            .await
+    );
     first.system.shutdown().await;
 
     let before = cluster.snapshot();
@@ -380,9 +504,16 @@ async fn restart_adopts_the_stored_secret() {
     let after = cluster.snapshot();
     assert_eq!(after.calls, before.calls, "no write after a restart");
     let snapshot = second.system.inspect(key("app")).await.unwrap();
-    assert!(snapshot.state.timer_at.is_some(), "the refresh timer is armed");
+    assert!(
+        snapshot.state.timer_at.is_some(),
+        "the refresh timer is armed"
+    );
     assert_eq!(
-        snapshot.journal.iter().map(|entry| entry.event).collect::<Vec<_>>(),
+        snapshot
+            .journal
+            .iter()
+            .map(|entry| entry.event)
+            .collect::<Vec<_>>(),
         vec!["SecretObserved", "SpecObserved"]
     );
 }
@@ -391,7 +522,9 @@ async fn restart_adopts_the_stored_secret() {
 async fn events_before_the_binding_are_dropped() {
     let fixture = start(Clock::System);
 
-    fixture.system.deliver(key("ghost"), BindingEvent::TimerFired);
+    fixture
+        .system
+        .deliver(key("ghost"), BindingEvent::TimerFired);
     fixture
         .system
         .deliver_async(key("ghost"), BindingEvent::SecretGone { name: "x".into() })
@@ -409,9 +542,10 @@ async fn shutdown_drains_and_rejects_later_events() {
     fixture.cluster.set_latency(Duration::from_millis(20));
     for index in 0..5 {
         let name = format!("app-{index}");
-        fixture
-            .system
-            .deliver(key(&name), spec_event(desired(&name, "x"), true, ObservedStatus::default()));
+        fixture.system.deliver(
+            key(&name),
+            spec_event(desired(&name, "x"), true, ObservedStatus::default()),
+        );
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
 
@@ -421,7 +555,10 @@ async fn shutdown_drains_and_rejects_later_events() {
     assert_eq!(report.writer.dropped, 0);
     let result = fixture
         .system
-        .deliver_async(key("late"), spec_event(desired("late", "x"), true, ObservedStatus::default()))
+        .deliver_async(
+            key("late"),
+            spec_event(desired("late", "x"), true, ObservedStatus::default()),
+        )
         .await;
     assert_eq!(result, Err(DeliverError::Stopped { key: key("late") }));
 }

@@ -10,7 +10,8 @@ use acrpull_actors::event::BindingEvent;
 use acrpull_actors::memory::MemoryClusterWriter;
 use acrpull_actors::model::BindingKey;
 use acrpull_actors::write::{
-    ClusterWrite, Notice, ReadyCondition, StatusUpdate, WriteError, WriteErrorKind, WriteKind, WriteRequest,
+    ClusterWrite, Notice, ReadyCondition, StatusUpdate, WriteError, WriteErrorKind, WriteKind,
+    WriteRequest,
 };
 use actix::{Actor, Addr, Context, Handler};
 
@@ -47,7 +48,13 @@ fn start(config: WriterConfig) -> Setup {
     }
     .start();
     let stats = Arc::new(WriterStats::default());
-    let writer = WriterActor::new(config, Arc::new(cluster.clone()), collector.recipient(), Arc::clone(&stats)).start();
+    let writer = WriterActor::new(
+        config,
+        Arc::new(cluster.clone()),
+        collector.recipient(),
+        Arc::clone(&stats),
+    )
+    .start();
     Setup {
         writer,
         cluster,
@@ -96,14 +103,31 @@ async fn queued_writes_coalesce_to_newest() {
         submit(&setup, "b", status(&format!("b{round}")));
     }
 
-    assert!(setup.cluster.wait_until(Duration::from_secs(5), |cluster| cluster.count(WriteKind::UpdateStatus) == 2).await);
+    assert!(
+        setup
+            .cluster
+            .wait_until(Duration::from_secs(5), |cluster| cluster
+                .count(WriteKind::UpdateStatus)
+                == 2)
+            .await
+    );
     let cluster = setup.cluster.snapshot();
     let b_status = &cluster.statuses[&BindingKey::new("ns", "b")];
     assert_eq!(b_status.ready.message, "b9");
-    assert_eq!(setup.stats.coalesced.load(std::sync::atomic::Ordering::Relaxed), 9);
+    assert_eq!(
+        setup
+            .stats
+            .coalesced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        9
+    );
 
     actix_rt::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(cluster.count(WriteKind::UpdateStatus), 2, "no write beyond the coalesced ones");
+    assert_eq!(
+        cluster.count(WriteKind::UpdateStatus),
+        2,
+        "no write beyond the coalesced ones"
+    );
     let reports = setup.reports.lock().unwrap();
     assert_eq!(reports.len(), 2, "one report per applied write");
 }
@@ -117,7 +141,12 @@ async fn urgent_writes_go_first() {
     submit(&setup, "b", status("b"));
     submit(&setup, "c", ClusterWrite::AddFinalizer);
 
-    assert!(setup.cluster.wait_until(Duration::from_secs(5), |cluster| cluster.applied.len() == 3).await);
+    assert!(
+        setup
+            .cluster
+            .wait_until(Duration::from_secs(5), |cluster| cluster.applied.len() == 3)
+            .await
+    );
     let order: Vec<(String, WriteKind)> = setup
         .cluster
         .snapshot()
@@ -150,11 +179,22 @@ async fn same_object_never_overlaps() {
     submit(&setup, "a", ClusterWrite::RemoveFinalizer);
     submit(&setup, "b", ClusterWrite::AddFinalizer);
 
-    assert!(setup.cluster.wait_until(Duration::from_secs(5), |cluster| cluster.applied.len() == 3).await);
+    assert!(
+        setup
+            .cluster
+            .wait_until(Duration::from_secs(5), |cluster| cluster.applied.len() == 3)
+            .await
+    );
     let cluster = setup.cluster.snapshot();
     assert_eq!(cluster.overlapping_calls, 0);
-    assert!(!cluster.finalizers.contains(&BindingKey::new("ns", "a")), "the later write wins");
-    assert!(cluster.max_concurrent_calls >= 2, "different objects run in parallel");
+    assert!(
+        !cluster.finalizers.contains(&BindingKey::new("ns", "a")),
+        "the later write wins"
+    );
+    assert!(
+        cluster.max_concurrent_calls >= 2,
+        "different objects run in parallel"
+    );
 }
 
 #[actix_rt::test]
@@ -171,7 +211,13 @@ async fn concurrency_stays_bounded() {
         submit(&setup, &format!("b{index}"), ClusterWrite::AddFinalizer);
     }
 
-    assert!(setup.cluster.wait_until(Duration::from_secs(5), |cluster| cluster.applied.len() == 20).await);
+    assert!(
+        setup
+            .cluster
+            .wait_until(Duration::from_secs(5), |cluster| cluster.applied.len()
+                == 20)
+            .await
+    );
     assert_eq!(setup.cluster.snapshot().max_concurrent_calls, 3);
 }
 
@@ -189,11 +235,25 @@ async fn conflicts_are_retried_at_once() {
 
     submit(&setup, "a", ClusterWrite::AddFinalizer);
 
-    assert!(setup.cluster.wait_until(Duration::from_secs(5), |cluster| cluster.applied.len() == 1).await);
+    assert!(
+        setup
+            .cluster
+            .wait_until(Duration::from_secs(5), |cluster| cluster.applied.len() == 1)
+            .await
+    );
     actix_rt::time::sleep(Duration::from_millis(20)).await;
     let reports = setup.reports.lock().unwrap();
-    assert!(matches!(reports[0].event, BindingEvent::WriteDone(ClusterWrite::AddFinalizer)));
-    assert_eq!(setup.stats.retried.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert!(matches!(
+        reports[0].event,
+        BindingEvent::WriteDone(ClusterWrite::AddFinalizer)
+    ));
+    assert_eq!(
+        setup
+            .stats
+            .retried
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
     assert_eq!(setup.cluster.snapshot().calls, 3);
 }
 
@@ -223,9 +283,15 @@ async fn throttling_gives_up_after_max_attempts() {
     let BindingEvent::WriteFailed { error, .. } = &reports[0].event else {
         panic!("expected WriteFailed, got {:?}", reports[0].event);
     };
-    assert_eq!(error.kind, WriteErrorKind::Throttled(Some(Duration::from_secs(2))));
+    assert_eq!(
+        error.kind,
+        WriteErrorKind::Throttled(Some(Duration::from_secs(2)))
+    );
     assert_eq!(setup.cluster.snapshot().calls, 3);
-    assert!(started.elapsed() >= Duration::from_secs(4), "waited Retry-After twice");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "waited Retry-After twice"
+    );
 }
 
 #[actix_rt::test]
@@ -242,11 +308,23 @@ async fn rate_limit_spaces_writes() {
     for index in 0..5 {
         submit(&setup, &format!("b{index}"), ClusterWrite::AddFinalizer);
     }
-    assert!(setup.cluster.wait_until(Duration::from_secs(10), |cluster| cluster.applied.len() == 5).await);
+    assert!(
+        setup
+            .cluster
+            .wait_until(Duration::from_secs(10), |cluster| cluster.applied.len()
+                == 5)
+            .await
+    );
 
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(400), "5 writes at 10 per second took {elapsed:?}");
-    assert!(elapsed < Duration::from_millis(700), "5 writes at 10 per second took {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(400),
+        "5 writes at 10 per second took {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_millis(700),
+        "5 writes at 10 per second took {elapsed:?}"
+    );
 }
 
 #[actix_rt::test]

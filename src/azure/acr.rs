@@ -34,7 +34,13 @@ pub async fn exchange_refresh_token(
     }
 
     let url = format!("https://{server}/oauth2/exchange");
-    let response: ExchangeResponse = post_form(client, &url, &form, "exchange the Azure token for a refresh token").await?;
+    let response: ExchangeResponse = post_form(
+        client,
+        &url,
+        &form,
+        "exchange the Azure token for a refresh token",
+    )
+    .await?;
     Ok(response.refresh_token)
 }
 
@@ -60,7 +66,8 @@ pub async fn scoped_access_token(
         ("refresh_token", refresh_token),
     ];
     let url = format!("https://{server}/oauth2/token");
-    let response: TokenResponse = post_form(client, &url, &form, "get an access token for the scope").await?;
+    let response: TokenResponse =
+        post_form(client, &url, &form, "get an access token for the scope").await?;
     Ok(response.access_token)
 }
 
@@ -71,9 +78,16 @@ async fn post_form<T: serde::de::DeserializeOwned>(
     purpose: &str,
 ) -> Result<T, TokenError> {
     let response = client.post(url).form(form).send().await.map_err(|error| {
-        let what = if error.is_timeout() { "timed out" } else { "failed" };
+        let what = if error.is_timeout() {
+            "timed out"
+        } else {
+            "failed"
+        };
         TokenError {
-            message: format!("registry request to {url} {what} ({purpose}): {}", without_url(&error)),
+            message: format!(
+                "registry request to {url} {what} ({purpose}): {}",
+                without_url(&error)
+            ),
             retryable: true,
             retry_after: None,
         }
@@ -84,7 +98,9 @@ async fn post_form<T: serde::de::DeserializeOwned>(
         let retry_after = retry_after(response.headers());
         let body = response.text().await.unwrap_or_default();
         let hint = match status.as_u16() {
-            401 | 403 => "; check that the identity has the AcrPull role on this registry and that the scope names an existing repository",
+            401 | 403 => {
+                "; check that the identity has the AcrPull role on this registry and that the scope names an existing repository"
+            }
             404 => "; check that spec.acrServer names an existing registry",
             _ => "",
         };
@@ -99,12 +115,17 @@ async fn post_form<T: serde::de::DeserializeOwned>(
     }
 
     let bytes = response.bytes().await.map_err(|error| TokenError {
-        message: format!("failed to read the registry response from {url} ({purpose}): {}", without_url(&error)),
+        message: format!(
+            "failed to read the registry response from {url} ({purpose}): {}",
+            without_url(&error)
+        ),
         retryable: true,
         retry_after: None,
     })?;
     serde_json::from_slice(&bytes).map_err(|error| TokenError {
-        message: format!("the registry response from {url} ({purpose}) is not the expected JSON: {error}"),
+        message: format!(
+            "the registry response from {url} ({purpose}) is not the expected JSON: {error}"
+        ),
         retryable: true,
         retry_after: None,
     })

@@ -96,9 +96,11 @@ impl AzureEndpoints {
                 path: path.clone(),
                 source,
             })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| EndpointError::ParseCa {
-                path: path.clone(),
-                source,
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
+                EndpointError::ParseCa {
+                    path: path.clone(),
+                    source,
+                }
             })?;
             builder = builder.tls_certs_merge(certs);
         }

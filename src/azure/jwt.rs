@@ -39,7 +39,8 @@ pub enum ClaimsError {
 /// Returns [`ClaimsError`] when the token is not a JWT or its payload is not JSON.
 pub fn read_claims(token: &str) -> Result<Claims, ClaimsError> {
     let mut parts = token.split('.');
-    let (Some(_header), Some(payload), Some(_signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(_header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(ClaimsError::NotJwt);
     };
@@ -74,7 +75,10 @@ mod tests {
     use super::*;
 
     fn jwt(payload: &str) -> String {
-        format!("eyJhbGciOiJub25lIn0.{}.c2ln", URL_SAFE_NO_PAD.encode(payload))
+        format!(
+            "eyJhbGciOiJub25lIn0.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(payload)
+        )
     }
 
     #[test]
@@ -103,7 +107,11 @@ mod tests {
             (&*jwt(r#"{"iat":1}"#), ClaimsError::MissingExpiry),
         ];
         for (token, expected) in cases {
-            assert_eq!(validity(token, Timestamp::UNIX_EPOCH), Err(expected), "{token}");
+            assert_eq!(
+                validity(token, Timestamp::UNIX_EPOCH),
+                Err(expected),
+                "{token}"
+            );
         }
     }
 }

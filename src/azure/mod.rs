@@ -49,8 +49,12 @@ impl AzureTokenSource {
     /// Returns [`EndpointError`] when an HTTP client cannot be built.
     pub fn new(endpoints: AzureEndpoints) -> Result<Self, EndpointError> {
         let registry = endpoints.registry_client()?;
-        let identity_client: Arc<dyn azure_core::http::HttpClient> = Arc::new(endpoints.identity_client()?);
-        let transport = Arc::new(RedirectingTransport::new(identity_client, endpoints.imds_endpoint.clone()));
+        let identity_client: Arc<dyn azure_core::http::HttpClient> =
+            Arc::new(endpoints.identity_client()?);
+        let transport = Arc::new(RedirectingTransport::new(
+            identity_client,
+            endpoints.imds_endpoint.clone(),
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoints,
@@ -61,7 +65,10 @@ impl AzureTokenSource {
         })
     }
 
-    fn credential(&self, identity: &Identity) -> Result<Arc<ManagedIdentityCredential>, TokenError> {
+    fn credential(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<ManagedIdentityCredential>, TokenError> {
         if let Some(existing) = self.inner.credentials.get(identity) {
             return Ok(existing.clone());
         }
@@ -77,12 +84,17 @@ impl AzureTokenSource {
                 ..ClientOptions::default()
             },
         };
-        let credential = ManagedIdentityCredential::new(Some(options)).map_err(|error| TokenError {
-            message: format!("failed to set up the managed identity credential for {identity}: {error}"),
-            retryable: false,
-            retry_after: None,
-        })?;
-        self.inner.credentials.insert(identity.clone(), credential.clone());
+        let credential =
+            ManagedIdentityCredential::new(Some(options)).map_err(|error| TokenError {
+                message: format!(
+                    "failed to set up the managed identity credential for {identity}: {error}"
+                ),
+                retryable: false,
+                retry_after: None,
+            })?;
+        self.inner
+            .credentials
+            .insert(identity.clone(), credential.clone());
         Ok(credential)
     }
 
@@ -99,20 +111,40 @@ impl AzureTokenSource {
             retry_after: None,
         })?;
         let entra_token = entra.token.secret();
-        let tenant = jwt::read_claims(entra_token).ok().and_then(|claims| claims.tid);
+        let tenant = jwt::read_claims(entra_token)
+            .ok()
+            .and_then(|claims| claims.tid);
         debug!("received the Azure token, exchanging it at the registry");
 
-        let refresh_token = acr::exchange_refresh_token(&self.inner.registry, &request.acr_server, entra_token, tenant.as_deref()).await?;
+        let refresh_token = acr::exchange_refresh_token(
+            &self.inner.registry,
+            &request.acr_server,
+            entra_token,
+            tenant.as_deref(),
+        )
+        .await?;
         let token = match &request.scope {
-            Some(scope) => acr::scoped_access_token(&self.inner.registry, &request.acr_server, &refresh_token, scope).await?,
+            Some(scope) => {
+                acr::scoped_access_token(
+                    &self.inner.registry,
+                    &request.acr_server,
+                    &refresh_token,
+                    scope,
+                )
+                .await?
+            }
             None => refresh_token,
         };
 
-        let (issued_at, expires_at) = jwt::validity(&token, Timestamp::now()).map_err(|error| TokenError {
-            message: format!("the registry {} returned a token whose expiry cannot be read: {error}", request.acr_server),
-            retryable: true,
-            retry_after: None,
-        })?;
+        let (issued_at, expires_at) =
+            jwt::validity(&token, Timestamp::now()).map_err(|error| TokenError {
+                message: format!(
+                    "the registry {} returned a token whose expiry cannot be read: {error}",
+                    request.acr_server
+                ),
+                retryable: true,
+                retry_after: None,
+            })?;
         Ok(IssuedToken {
             token: RegistryToken::new(token),
             issued_at,

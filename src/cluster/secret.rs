@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use jiff::Timestamp;
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use k8s_openapi::ByteString;
 use serde::Deserialize;
 
 use acrpull_actors::event::ObservedSecret;
@@ -15,8 +15,8 @@ use acrpull_actors::model::{InputsHash, IssuedToken, RegistryToken};
 use acrpull_actors::write::SecretContent;
 
 use super::names::{
-    BINDING_LABEL, EXPIRY_ANNOTATION, INPUTS_HASH_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, REFRESHED_ANNOTATION,
-    TOKEN_USERNAME, binding_label_value,
+    BINDING_LABEL, EXPIRY_ANNOTATION, INPUTS_HASH_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL,
+    REFRESHED_ANNOTATION, TOKEN_USERNAME, binding_label_value,
 };
 use crate::azure::jwt;
 
@@ -28,7 +28,12 @@ pub const DOCKER_CONFIG_JSON_KEY: &str = ".dockerconfigjson";
 
 /// Renders the Secret for server-side apply.
 #[must_use]
-pub fn render(namespace: &str, binding: &str, owner: OwnerReference, content: &SecretContent) -> Secret {
+pub fn render(
+    namespace: &str,
+    binding: &str,
+    owner: OwnerReference,
+    content: &SecretContent,
+) -> Secret {
     let token = content.token.token.expose();
     let auth = STANDARD.encode(format!("{TOKEN_USERNAME}:{token}"));
     let config = serde_json::json!({
@@ -50,9 +55,18 @@ pub fn render(namespace: &str, binding: &str, owner: OwnerReference, content: &S
                 (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
             ])),
             annotations: Some(BTreeMap::from([
-                (EXPIRY_ANNOTATION.to_owned(), content.token.expires_at.to_string()),
-                (REFRESHED_ANNOTATION.to_owned(), content.refreshed_at.to_string()),
-                (INPUTS_HASH_ANNOTATION.to_owned(), content.inputs_hash.0.clone()),
+                (
+                    EXPIRY_ANNOTATION.to_owned(),
+                    content.token.expires_at.to_string(),
+                ),
+                (
+                    REFRESHED_ANNOTATION.to_owned(),
+                    content.refreshed_at.to_string(),
+                ),
+                (
+                    INPUTS_HASH_ANNOTATION.to_owned(),
+                    content.inputs_hash.0.clone(),
+                ),
             ])),
             owner_references: Some(vec![owner]),
             ..ObjectMeta::default()
@@ -72,13 +86,25 @@ pub fn render(namespace: &str, binding: &str, owner: OwnerReference, content: &S
 /// ownerReference points at it. `server` is the registry the binding names now, or `None` when
 /// the binding is not known yet (at start-up the Secret can be seen before its binding).
 #[must_use]
-pub fn observe(secret: &Secret, owner_uid: Option<&str>, server: Option<&str>, now: Timestamp) -> ObservedSecret {
+pub fn observe(
+    secret: &Secret,
+    owner_uid: Option<&str>,
+    server: Option<&str>,
+    now: Timestamp,
+) -> ObservedSecret {
     let annotations = secret.metadata.annotations.as_ref();
     let annotation = |key: &str| annotations.and_then(|map| map.get(key));
 
-    let owned = secret.metadata.owner_references.iter().flatten().any(|owner| {
-        owner.kind == "AcrPullBinding" && owner.controller == Some(true) && owner_uid.is_none_or(|uid| owner.uid == uid)
-    });
+    let owned = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| {
+            owner.kind == "AcrPullBinding"
+                && owner.controller == Some(true)
+                && owner_uid.is_none_or(|uid| owner.uid == uid)
+        });
 
     ObservedSecret {
         name: secret.metadata.name.clone().unwrap_or_default(),
@@ -118,7 +144,9 @@ fn read_token(secret: &Secret, server: Option<&str>, now: Timestamp) -> Option<I
 
     let password = auth.password?;
     let expected_auth = STANDARD.encode(format!("{TOKEN_USERNAME}:{password}"));
-    if auth.username.as_deref() != Some(TOKEN_USERNAME) || auth.auth.as_deref() != Some(expected_auth.as_str()) {
+    if auth.username.as_deref() != Some(TOKEN_USERNAME)
+        || auth.auth.as_deref() != Some(expected_auth.as_str())
+    {
         return None;
     }
 
@@ -169,7 +197,12 @@ mod tests {
     #[test]
     fn render_then_observe_round_trips() {
         let secret = render("ns", "app", owner(), &content());
-        let observed = observe(&secret, Some("uid-1"), Some("example.azurecr.io"), Timestamp::UNIX_EPOCH);
+        let observed = observe(
+            &secret,
+            Some("uid-1"),
+            Some("example.azurecr.io"),
+            Timestamp::UNIX_EPOCH,
+        );
         assert!(observed.owned);
         assert_eq!(observed.inputs_hash, Some(InputsHash("abc".into())));
         assert_eq!(observed.refreshed_at, Some(content().refreshed_at));
@@ -185,21 +218,36 @@ mod tests {
         assert_eq!(entry["username"], TOKEN_USERNAME);
         assert_eq!(entry["password"], token().token.expose());
         let decoded = STANDARD.decode(entry["auth"].as_str().unwrap()).unwrap();
-        assert_eq!(decoded, format!("{TOKEN_USERNAME}:{}", token().token.expose()).into_bytes());
+        assert_eq!(
+            decoded,
+            format!("{TOKEN_USERNAME}:{}", token().token.expose()).into_bytes()
+        );
         assert_eq!(secret.type_.as_deref(), Some(DOCKER_CONFIG_JSON_TYPE));
     }
 
     #[test]
     fn observe_rejects_edited_content() {
         let mut secret = render("ns", "app", owner(), &content());
-        secret.data.as_mut().unwrap().insert(DOCKER_CONFIG_JSON_KEY.into(), ByteString(b"{}".to_vec()));
-        assert_eq!(observe(&secret, Some("uid-1"), None, Timestamp::UNIX_EPOCH).token, None);
+        secret
+            .data
+            .as_mut()
+            .unwrap()
+            .insert(DOCKER_CONFIG_JSON_KEY.into(), ByteString(b"{}".to_vec()));
+        assert_eq!(
+            observe(&secret, Some("uid-1"), None, Timestamp::UNIX_EPOCH).token,
+            None
+        );
     }
 
     #[test]
     fn observe_rejects_other_server() {
         let secret = render("ns", "app", owner(), &content());
-        let observed = observe(&secret, Some("uid-1"), Some("other.azurecr.io"), Timestamp::UNIX_EPOCH);
+        let observed = observe(
+            &secret,
+            Some("uid-1"),
+            Some("other.azurecr.io"),
+            Timestamp::UNIX_EPOCH,
+        );
         assert_eq!(observed.token, None);
     }
 

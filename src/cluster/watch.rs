@@ -17,13 +17,15 @@ use dashmap::DashMap;
 use futures::{Stream, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use acrpull_actors::event::{BindingEvent, ObservedBinding, ObservedServiceAccount, ObservedStatus};
+use acrpull_actors::event::{
+    BindingEvent, ObservedBinding, ObservedServiceAccount, ObservedStatus,
+};
 use acrpull_actors::model::BindingKey;
 use acrpull_actors::spec::{Defaults, RegistryPolicy, resolve_v1beta1};
 use acrpull_actors::write::ReadyCondition;
@@ -69,16 +71,41 @@ struct Index {
 /// The Secret watch completes its first list before the binding watch starts, so that after
 /// a restart every binding actor receives its existing Secret before its spec and can decide that
 /// no new token is needed.
-pub async fn run<S: EventSink>(client: Client, config: WatchConfig, directory: BindingDirectory, sink: S, ready: watch::Sender<bool>) {
+pub async fn run<S: EventSink>(
+    client: Client,
+    config: WatchConfig,
+    directory: BindingDirectory,
+    sink: S,
+    ready: watch::Sender<bool>,
+) {
     let index = Arc::new(Index::default());
 
     let (secrets_synced_tx, mut secrets_synced) = watch::channel(false);
-    let secrets = watch_secrets(client.clone(), config.page_size, index.clone(), sink.clone(), secrets_synced_tx);
-    let accounts = watch_service_accounts(client.clone(), config.page_size, index.clone(), sink.clone());
+    let secrets = watch_secrets(
+        client.clone(),
+        config.page_size,
+        index.clone(),
+        sink.clone(),
+        secrets_synced_tx,
+    );
+    let accounts = watch_service_accounts(
+        client.clone(),
+        config.page_size,
+        index.clone(),
+        sink.clone(),
+    );
     let bindings = async {
         let _ = secrets_synced.wait_for(|synced| *synced).await;
         info!("initial Secret list complete, starting the AcrPullBinding watch");
-        watch_bindings(client.clone(), &config, index.clone(), directory, sink.clone(), ready).await;
+        watch_bindings(
+            client.clone(),
+            &config,
+            index.clone(),
+            directory,
+            sink.clone(),
+            ready,
+        )
+        .await;
     };
 
     tokio::join!(secrets, accounts, bindings);
@@ -135,9 +162,16 @@ fn observe_binding<S: EventSink>(
         directory.insert(key.clone(), uid);
     }
 
-    let spec = resolve_v1beta1(&key.name, &binding.spec.to_raw(), &config.defaults, &config.policy);
+    let spec = resolve_v1beta1(
+        &key.name,
+        &binding.spec.to_raw(),
+        &config.defaults,
+        &config.policy,
+    );
     if let Ok(desired) = &spec {
-        index.servers.insert(key.clone(), desired.acr_server.clone());
+        index
+            .servers
+            .insert(key.clone(), desired.acr_server.clone());
         retarget(index, key, &desired.service_account, &desired.secret_name);
     }
 
@@ -154,7 +188,12 @@ fn observe_binding<S: EventSink>(
     }
 }
 
-fn forget_binding<S: EventSink>(key: &BindingKey, index: &Index, directory: &BindingDirectory, sink: &S) {
+fn forget_binding<S: EventSink>(
+    key: &BindingKey,
+    index: &Index,
+    directory: &BindingDirectory,
+    sink: &S,
+) {
     directory.remove(key);
     index.servers.remove(key);
     if let Some((_, (account, _))) = index.bindings.remove(key) {
@@ -185,19 +224,25 @@ fn untarget(index: &Index, key: &BindingKey, account: &str) {
     if let Some(mut names) = index.targets.get_mut(&target) {
         names.remove(&key.name);
     }
-    index.targets.remove_if(&target, |_, names| names.is_empty());
+    index
+        .targets
+        .remove_if(&target, |_, names| names.is_empty());
 }
 
 fn observed_status(status: Option<&AcrPullBindingStatus>) -> ObservedStatus {
     let Some(status) = status else {
         return ObservedStatus::default();
     };
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| ReadyCondition {
-        ready: c.status == "True",
-        reason: c.reason.clone(),
-        message: c.message.clone(),
-        observed_generation: c.observed_generation.unwrap_or_default(),
-    });
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| ReadyCondition {
+            ready: c.status == "True",
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+            observed_generation: c.observed_generation.unwrap_or_default(),
+        });
     ObservedStatus {
         last_token_refresh: status.last_token_refresh_time.as_ref().map(|t| t.0),
         token_expiration: status.token_expiration_time.as_ref().map(|t| t.0),
@@ -214,7 +259,9 @@ async fn watch_secrets<S: EventSink>(
     synced: watch::Sender<bool>,
 ) {
     let api: Api<Secret> = Api::all(client);
-    let config = watcher::Config::default().labels(BINDING_LABEL).page_size(page_size);
+    let config = watcher::Config::default()
+        .labels(BINDING_LABEL)
+        .page_size(page_size);
 
     // Keyed by the Secret; the value is the binding that controls it.
     let mut relist: Relist<BindingKey> = Relist::default();
@@ -240,7 +287,12 @@ async fn watch_secrets<S: EventSink>(
             Event::Delete(secret) => {
                 if let Some(binding) = owner_key(&secret) {
                     relist.forget(&object_key(&secret));
-                    sink.deliver(binding, BindingEvent::SecretGone { name: secret.name_any() });
+                    sink.deliver(
+                        binding,
+                        BindingEvent::SecretGone {
+                            name: secret.name_any(),
+                        },
+                    );
                 }
             }
         }
@@ -262,7 +314,12 @@ fn owner_key(secret: &Secret) -> Option<BindingKey> {
         .map(|owner| BindingKey::new(namespace, owner.name.clone()))
 }
 
-async fn watch_service_accounts<S: EventSink>(client: Client, page_size: u32, index: Arc<Index>, sink: S) {
+async fn watch_service_accounts<S: EventSink>(
+    client: Client,
+    page_size: u32,
+    index: Arc<Index>,
+    sink: S,
+) {
     let api: Api<ServiceAccount> = Api::all(client);
     let config = watcher::Config::default().page_size(page_size);
 
@@ -283,7 +340,11 @@ async fn watch_service_accounts<S: EventSink>(client: Client, page_size: u32, in
                 relist.seen(&BindingKey::new(target.0.clone(), target.1.clone()), ());
                 for name in names {
                     let key = BindingKey::new(target.0.clone(), name);
-                    let secret_name = index.bindings.get(&key).map(|entry| entry.1.clone()).unwrap_or_default();
+                    let secret_name = index
+                        .bindings
+                        .get(&key)
+                        .map(|entry| entry.1.clone())
+                        .unwrap_or_default();
                     let references_secret = account
                         .image_pull_secrets
                         .iter()
@@ -322,7 +383,9 @@ fn deliver_account_gone<S: EventSink>(index: &Index, sink: &S, namespace: &str, 
     for binding in names {
         sink.deliver(
             BindingKey::new(namespace, binding),
-            BindingEvent::ServiceAccountGone { name: name.to_owned() },
+            BindingEvent::ServiceAccountGone {
+                name: name.to_owned(),
+            },
         );
     }
 }
@@ -333,18 +396,23 @@ where
     K: Send + 'static,
     S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
 {
-    stream.default_backoff().filter_map(move |result| async move {
-        match result {
-            Ok(event) => Some(event),
-            Err(error) => {
-                warn!(kind, %error, "watch failed; retrying with backoff");
-                None
+    stream
+        .default_backoff()
+        .filter_map(move |result| async move {
+            match result {
+                Ok(event) => Some(event),
+                Err(error) => {
+                    warn!(kind, %error, "watch failed; retrying with backoff");
+                    None
+                }
             }
-        }
-    })
+        })
 }
 
-fn watcher<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send
+fn watcher<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
@@ -400,7 +468,10 @@ impl<V: Clone> Relist<V> {
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
         if !gone.is_empty() {
-            debug!(count = gone.len(), "objects vanished while the watch was down");
+            debug!(
+                count = gone.len(),
+                "objects vanished while the watch was down"
+            );
         }
         self.known = listed;
         gone

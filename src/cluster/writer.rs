@@ -19,7 +19,9 @@ use tracing::{debug, instrument};
 
 use acrpull_actors::model::BindingKey;
 use acrpull_actors::ports::ClusterWriter;
-use acrpull_actors::write::{ClusterWrite, Notice, SecretContent, StatusUpdate, WriteError, WriteErrorKind};
+use acrpull_actors::write::{
+    ClusterWrite, Notice, SecretContent, StatusUpdate, WriteError, WriteErrorKind,
+};
 
 use super::names::{FIELD_MANAGER, FINALIZER};
 use super::secret;
@@ -64,7 +66,10 @@ impl KubeWriter {
             ClusterWrite::RemovePullSecretReference {
                 service_account,
                 secret_name,
-            } => self.remove_reference(&key, service_account, secret_name).await,
+            } => {
+                self.remove_reference(&key, service_account, secret_name)
+                    .await
+            }
             ClusterWrite::UpdateStatus(status) => self.update_status(&key, status).await,
             ClusterWrite::PublishEvent(notice) => self.publish(&key, notice).await,
         };
@@ -72,13 +77,19 @@ impl KubeWriter {
     }
 
     fn owner_uid(&self, key: &BindingKey) -> Result<String, kube::Error> {
-        self.directory.get(key).map(|uid| uid.clone()).ok_or_else(|| {
-            kube::Error::Api(
-                kube::core::Status::failure(&format!("binding {key} is not known to the controller yet"), "NotFound")
+        self.directory
+            .get(key)
+            .map(|uid| uid.clone())
+            .ok_or_else(|| {
+                kube::Error::Api(
+                    kube::core::Status::failure(
+                        &format!("binding {key} is not known to the controller yet"),
+                        "NotFound",
+                    )
                     .with_code(404)
                     .boxed(),
-            )
-        })
+                )
+            })
     }
 
     async fn set_finalizer(&self, key: &BindingKey, present: bool) -> Result<(), kube::Error> {
@@ -106,13 +117,20 @@ impl KubeWriter {
                 "finalizers": finalizers,
             }
         });
-        match api.patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        match api
+            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             Err(kube::Error::Api(status)) if !present && status.code == 404 => Ok(()),
             other => other.map(drop),
         }
     }
 
-    async fn apply_secret(&self, key: &BindingKey, content: &SecretContent) -> Result<(), kube::Error> {
+    async fn apply_secret(
+        &self,
+        key: &BindingKey,
+        content: &SecretContent,
+    ) -> Result<(), kube::Error> {
         let owner = OwnerReference {
             api_version: AcrPullBinding::api_version(&()).into_owned(),
             kind: AcrPullBinding::kind(&()).into_owned(),
@@ -123,8 +141,12 @@ impl KubeWriter {
         };
         let rendered = secret::render(&key.namespace, &key.name, owner, content);
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
-        api.patch(&content.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&rendered))
-            .await?;
+        api.patch(
+            &content.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&rendered),
+        )
+        .await?;
         Ok(())
     }
 
@@ -138,7 +160,12 @@ impl KubeWriter {
 
     /// Adds the Secret to `imagePullSecrets` with read-modify-write: the list is atomic under
     /// server-side apply, so applying it would take over entries this controller does not own.
-    async fn add_reference(&self, key: &BindingKey, service_account: &str, secret_name: &str) -> Result<(), kube::Error> {
+    async fn add_reference(
+        &self,
+        key: &BindingKey,
+        service_account: &str,
+        secret_name: &str,
+    ) -> Result<(), kube::Error> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &key.namespace);
         let mut account = api.get(service_account).await?;
         let entries = account.image_pull_secrets.get_or_insert_with(Vec::new);
@@ -150,11 +177,17 @@ impl KubeWriter {
             name: secret_name.to_owned(),
         });
         // `replace` sends the resourceVersion read above, so a concurrent change gives 409.
-        api.replace(service_account, &PostParams::default(), &account).await?;
+        api.replace(service_account, &PostParams::default(), &account)
+            .await?;
         Ok(())
     }
 
-    async fn remove_reference(&self, key: &BindingKey, service_account: &str, secret_name: &str) -> Result<(), kube::Error> {
+    async fn remove_reference(
+        &self,
+        key: &BindingKey,
+        service_account: &str,
+        secret_name: &str,
+    ) -> Result<(), kube::Error> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &key.namespace);
         let Some(mut account) = api.get_opt(service_account).await? else {
             return Ok(());
@@ -168,13 +201,20 @@ impl KubeWriter {
             return Ok(());
         }
 
-        match api.replace(service_account, &PostParams::default(), &account).await {
+        match api
+            .replace(service_account, &PostParams::default(), &account)
+            .await
+        {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             other => other.map(drop),
         }
     }
 
-    async fn update_status(&self, key: &BindingKey, status: &StatusUpdate) -> Result<(), kube::Error> {
+    async fn update_status(
+        &self,
+        key: &BindingKey,
+        status: &StatusUpdate,
+    ) -> Result<(), kube::Error> {
         let api: Api<AcrPullBinding> = Api::namespaced(self.client.clone(), &key.namespace);
         let Some(current) = api.get_opt(&key.name).await? else {
             return Ok(());
@@ -220,7 +260,11 @@ impl KubeWriter {
             ..ObjectReference::default()
         };
         let event = Event {
-            type_: if notice.warning { EventType::Warning } else { EventType::Normal },
+            type_: if notice.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: notice.reason.clone(),
             note: Some(notice.message.clone()),
             action: "Reconcile".to_owned(),
@@ -231,7 +275,11 @@ impl KubeWriter {
 }
 
 impl ClusterWriter for KubeWriter {
-    fn apply(&self, key: BindingKey, write: ClusterWrite) -> BoxFuture<'static, Result<(), WriteError>> {
+    fn apply(
+        &self,
+        key: BindingKey,
+        write: ClusterWrite,
+    ) -> BoxFuture<'static, Result<(), WriteError>> {
         self.clone().apply_write(key, write).boxed()
     }
 }
@@ -254,8 +302,12 @@ fn classify(key: &BindingKey, write: &ClusterWrite, error: &kube::Error) -> Writ
     let target = match write {
         ClusterWrite::ApplySecret(content) => format!("Secret {}", content.name),
         ClusterWrite::DeleteSecret { name } => format!("Secret {name}"),
-        ClusterWrite::AddPullSecretReference { service_account, .. }
-        | ClusterWrite::RemovePullSecretReference { service_account, .. } => {
+        ClusterWrite::AddPullSecretReference {
+            service_account, ..
+        }
+        | ClusterWrite::RemovePullSecretReference {
+            service_account, ..
+        } => {
             format!("ServiceAccount {service_account}")
         }
         _ => format!("AcrPullBinding {}", key.name),
@@ -282,11 +334,16 @@ fn classify(key: &BindingKey, write: &ClusterWrite, error: &kube::Error) -> Writ
 
     let hint = match kind {
         WriteErrorKind::NotFound => "; it will be retried when the object appears",
-        WriteErrorKind::Rejected => "; check the controller's RBAC and that no other tool owns the object",
+        WriteErrorKind::Rejected => {
+            "; check the controller's RBAC and that no other tool owns the object"
+        }
         _ => "",
     };
     WriteError {
-        message: format!("failed to {action} on {target} in namespace {}: {error}{hint}", key.namespace),
+        message: format!(
+            "failed to {action} on {target} in namespace {}: {error}{hint}",
+            key.namespace
+        ),
         kind,
     }
 }

@@ -2,8 +2,8 @@
 
 pub mod v1beta1;
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 /// Returns every CRD this controller serves, in the order they are written to `crd.yaml`.
 #[must_use]

@@ -39,13 +39,21 @@ pub struct AcrPullBindingSpec {
 
     /// ARM resource ID of the user-assigned managed identity that pulls images. Set this or
     /// managedIdentityClientID; either defaults to the controller's setting.
-    #[serde(default, rename = "managedIdentityResourceID", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "managedIdentityResourceID",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(length(max = 1024))]
     pub managed_identity_resource_id: Option<String>,
 
     /// Client ID of the user-assigned managed identity that pulls images. Set this or
     /// managedIdentityResourceID; either defaults to the controller's setting.
-    #[serde(default, rename = "managedIdentityClientID", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "managedIdentityClientID",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(length(max = 36))]
     pub managed_identity_client_id: Option<String>,
 

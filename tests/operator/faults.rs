@@ -11,30 +11,61 @@ use crate::support::*;
 /// Azure returns `failure`: the error shows in status, the old Secret stays untouched,
 /// retries back off, and the error clears once Azure recovers.
 async fn azure_failure_keeps_secret(prefix: &str, failure: Failure, fragment: &str) {
-    let harness = Harness::start_with(prefix, azure_with_lifetime(Duration::from_secs(20)), Vec::new()).await;
+    let harness = Harness::start_with(
+        prefix,
+        azure_with_lifetime(Duration::from_secs(20)),
+        Vec::new(),
+    )
+    .await;
     harness.create_binding("app", spec()).await;
     let before = harness.wait_for_secret("app-msi-acrpull-secret").await;
     let ready = harness.wait_for_ready("app").await;
     let times = ready.status.clone().unwrap();
 
     // Fail the next refreshes (due 10 s after the first token).
-    harness.azure.inject_failure(Endpoint::AcrExchange, failure).unwrap();
+    harness
+        .azure
+        .inject_failure(Endpoint::AcrExchange, failure)
+        .unwrap();
     let failed = harness.wait_for_error("app", fragment).await;
     assert!(!is_ready(&failed));
     assert_eq!(ready_reason(&failed).as_deref(), Some("TokenRefreshFailed"));
     let failed_status = failed.status.clone().unwrap();
-    assert_eq!(failed_status.last_token_refresh_time, times.last_token_refresh_time);
-    assert_eq!(failed_status.token_expiration_time, times.token_expiration_time);
+    assert_eq!(
+        failed_status.last_token_refresh_time,
+        times.last_token_refresh_time
+    );
+    assert_eq!(
+        failed_status.token_expiration_time,
+        times.token_expiration_time
+    );
 
-    let during = harness.secrets().get("app-msi-acrpull-secret").await.unwrap();
-    assert_eq!(during.metadata.resource_version, before.metadata.resource_version);
-    assert_eq!(secret_password(&during, REGISTRY), secret_password(&before, REGISTRY));
+    let during = harness
+        .secrets()
+        .get("app-msi-acrpull-secret")
+        .await
+        .unwrap();
+    assert_eq!(
+        during.metadata.resource_version,
+        before.metadata.resource_version
+    );
+    assert_eq!(
+        secret_password(&during, REGISTRY),
+        secret_password(&before, REGISTRY)
+    );
 
     // Recovery: once the queued failures are used up, the next retry succeeds.
     let recovered = harness.wait_for_ready("app").await;
     assert!(status_error(&recovered).is_none());
-    let after = harness.secrets().get("app-msi-acrpull-secret").await.unwrap();
-    assert_ne!(secret_password(&after, REGISTRY), secret_password(&before, REGISTRY));
+    let after = harness
+        .secrets()
+        .get("app-msi-acrpull-secret")
+        .await
+        .unwrap();
+    assert_ne!(
+        secret_password(&after, REGISTRY),
+        secret_password(&before, REGISTRY)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -44,7 +75,12 @@ async fn server_error_keeps_secret_then_recovers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn throttling_keeps_secret_then_recovers() {
-    azure_failure_keeps_secret("fail429", Failure::throttle(Duration::from_secs(2), 2), "429").await;
+    azure_failure_keeps_secret(
+        "fail429",
+        Failure::throttle(Duration::from_secs(2), 2),
+        "429",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -56,15 +92,29 @@ async fn unauthorized_keeps_secret_then_recovers() {
 async fn retries_back_off() {
     let harness = Harness::start("backoff").await;
     // Every exchange fails for the whole test.
-    harness.azure.inject_failure(Endpoint::AcrExchange, Failure::status(500, 1_000)).unwrap();
+    harness
+        .azure
+        .inject_failure(Endpoint::AcrExchange, Failure::status(500, 1_000))
+        .unwrap();
     harness.create_binding("app", spec()).await;
     harness.wait_for_error("app", "500").await;
 
     tokio::time::sleep(Duration::from_secs(20)).await;
     let calls = harness.azure.calls(Endpoint::AcrExchange);
     // Exponential backoff from 1 s doubles: about 5 attempts in 20 s, never a storm.
-    assert!((2..=8).contains(&calls), "{calls} exchange attempts in about 20 s\n{}", harness.logs());
-    assert!(harness.secrets().get_opt("app-msi-acrpull-secret").await.unwrap().is_none());
+    assert!(
+        (2..=8).contains(&calls),
+        "{calls} exchange attempts in about 20 s\n{}",
+        harness.logs()
+    );
+    assert!(
+        harness
+            .secrets()
+            .get_opt("app-msi-acrpull-secret")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,16 +131,30 @@ async fn invalid_scope_reports_then_clears() {
     let secret = harness.wait_for_secret("app-msi-acrpull-secret").await;
 
     // A scope the identity may not use: an error, times and Secret kept.
-    harness.patch_spec("app", json!({ "scope": "repository:secret-app:pull" })).await;
+    harness
+        .patch_spec("app", json!({ "scope": "repository:secret-app:pull" }))
+        .await;
     let failed = harness.wait_for_error("app", "secret-app").await;
     let status = failed.status.clone().unwrap();
-    assert_eq!(status.last_token_refresh_time, times.last_token_refresh_time);
+    assert_eq!(
+        status.last_token_refresh_time,
+        times.last_token_refresh_time
+    );
     assert_eq!(status.token_expiration_time, times.token_expiration_time);
-    let kept = harness.secrets().get("app-msi-acrpull-secret").await.unwrap();
-    assert_eq!(secret_password(&kept, REGISTRY), secret_password(&secret, REGISTRY));
+    let kept = harness
+        .secrets()
+        .get("app-msi-acrpull-secret")
+        .await
+        .unwrap();
+    assert_eq!(
+        secret_password(&kept, REGISTRY),
+        secret_password(&secret, REGISTRY)
+    );
 
     // Reverting the scope clears the error.
-    harness.patch_spec("app", json!({ "scope": "repository:app:pull" })).await;
+    harness
+        .patch_spec("app", json!({ "scope": "repository:app:pull" }))
+        .await;
     harness.wait_for_ready("app").await;
 }
 
@@ -129,11 +193,20 @@ async fn bad_input_reports_without_azure_calls() {
     for (name, spec, fragment) in cases {
         harness.create_binding(name, spec).await;
         let binding = harness.wait_for_error(name, fragment).await;
-        assert_eq!(ready_reason(&binding).as_deref(), Some("InvalidSpec"), "{name}");
+        assert_eq!(
+            ready_reason(&binding).as_deref(),
+            Some("InvalidSpec"),
+            "{name}"
+        );
     }
 
     for endpoint in Endpoint::ALL {
-        assert_eq!(harness.azure.calls(endpoint), 0, "{endpoint} was called\n{}", harness.logs());
+        assert_eq!(
+            harness.azure.calls(endpoint),
+            0,
+            "{endpoint} was called\n{}",
+            harness.logs()
+        );
     }
 }
 
@@ -153,7 +226,9 @@ async fn restart_makes_no_calls_or_writes() {
     }
     for name in ["one", "two", "three"] {
         harness.wait_for_ready(name).await;
-        harness.wait_for_reference("default", &format!("{name}-msi-acrpull-secret"), true).await;
+        harness
+            .wait_for_reference("default", &format!("{name}-msi-acrpull-secret"), true)
+            .await;
     }
     // Let the status writes settle before taking the snapshot.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -167,9 +242,23 @@ async fn restart_makes_no_calls_or_writes() {
             let mut versions = Vec::new();
             for name in ["one", "two", "three"] {
                 versions.push(bindings.get(name).await.unwrap().metadata.resource_version);
-                versions.push(secrets.get(&format!("{name}-msi-acrpull-secret")).await.unwrap().metadata.resource_version);
+                versions.push(
+                    secrets
+                        .get(&format!("{name}-msi-acrpull-secret"))
+                        .await
+                        .unwrap()
+                        .metadata
+                        .resource_version,
+                );
             }
-            versions.push(accounts.get("default").await.unwrap().metadata.resource_version);
+            versions.push(
+                accounts
+                    .get("default")
+                    .await
+                    .unwrap()
+                    .metadata
+                    .resource_version,
+            );
             versions
         }
     };
@@ -181,7 +270,17 @@ async fn restart_makes_no_calls_or_writes() {
     tokio::time::sleep(Duration::from_secs(10)).await;
 
     for endpoint in Endpoint::ALL {
-        assert_eq!(harness.azure.calls(endpoint), 0, "{endpoint} called after restart\n{}", harness.logs());
+        assert_eq!(
+            harness.azure.calls(endpoint),
+            0,
+            "{endpoint} called after restart\n{}",
+            harness.logs()
+        );
     }
-    assert_eq!(versions(&harness).await, before, "objects were written after restart\n{}", harness.logs());
+    assert_eq!(
+        versions(&harness).await,
+        before,
+        "objects were written after restart\n{}",
+        harness.logs()
+    );
 }

@@ -15,9 +15,15 @@ async fn binding_creates_secret_and_reference() {
     harness.create_binding("app", spec()).await;
 
     let secret = harness.wait_for_secret("app-msi-acrpull-secret").await;
-    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+    assert_eq!(
+        secret.type_.as_deref(),
+        Some("kubernetes.io/dockerconfigjson")
+    );
     let labels = secret.metadata.labels.clone().unwrap_or_default();
-    assert_eq!(labels.get("acr.microsoft.com/binding").map(String::as_str), Some("app"));
+    assert_eq!(
+        labels.get("acr.microsoft.com/binding").map(String::as_str),
+        Some("app")
+    );
     let owner = &secret.metadata.owner_references.clone().unwrap_or_default()[0];
     assert_eq!(owner.kind, "AcrPullBinding");
     assert_eq!(owner.controller, Some(true));
@@ -27,19 +33,30 @@ async fn binding_creates_secret_and_reference() {
         "acrpull.microsoft.com/last-refresh",
         "acrpull.microsoft.com/inputs-hash",
     ] {
-        assert!(annotations.contains_key(key), "missing annotation {key}: {annotations:?}");
+        assert!(
+            annotations.contains_key(key),
+            "missing annotation {key}: {annotations:?}"
+        );
     }
     assert!(secret_password(&secret, REGISTRY).starts_with("eyJ"));
 
     // No serviceAccountName: the `default` ServiceAccount gets the reference.
-    harness.wait_for_reference("default", "app-msi-acrpull-secret", true).await;
+    harness
+        .wait_for_reference("default", "app-msi-acrpull-secret", true)
+        .await;
 
     let binding = harness.wait_for_ready("app").await;
     let status = binding.status.clone().unwrap();
     assert!(status.last_token_refresh_time.is_some());
     assert!(status.token_expiration_time.is_some());
     assert_eq!(ready_reason(&binding).as_deref(), Some("TokenRefreshed"));
-    assert!(binding.metadata.finalizers.unwrap_or_default().contains(&"msi-acrpull.microsoft.com/finalizer".to_owned()));
+    assert!(
+        binding
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"msi-acrpull.microsoft.com/finalizer".to_owned())
+    );
 
     // Admission copies the ServiceAccount's imagePullSecrets into a new Pod.
     let pod: Pod = serde_json::from_value(json!({
@@ -63,15 +80,27 @@ async fn binding_creates_secret_and_reference() {
 #[tokio::test(flavor = "multi_thread")]
 async fn short_tokens_refresh_once_per_window() {
     // 20 s tokens are renewed at half their lifetime: every 10 s.
-    let harness = Harness::start_with("refresh", azure_with_lifetime(Duration::from_secs(20)), Vec::new()).await;
+    let harness = Harness::start_with(
+        "refresh",
+        azure_with_lifetime(Duration::from_secs(20)),
+        Vec::new(),
+    )
+    .await;
     harness.create_binding("app", spec()).await;
-    let first = secret_password(&harness.wait_for_secret("app-msi-acrpull-secret").await, REGISTRY);
+    let first = secret_password(
+        &harness.wait_for_secret("app-msi-acrpull-secret").await,
+        REGISTRY,
+    );
 
     // Watch the Secret for 45 s, sampling every 250 ms, and record each new token.
     let mut tokens = vec![first];
     let started = std::time::Instant::now();
     while started.elapsed() < Duration::from_secs(45) {
-        let secret = harness.secrets().get("app-msi-acrpull-secret").await.unwrap();
+        let secret = harness
+            .secrets()
+            .get("app-msi-acrpull-secret")
+            .await
+            .unwrap();
         let token = secret_password(&secret, REGISTRY);
         if tokens.last() != Some(&token) {
             tokens.push(token);
@@ -81,7 +110,12 @@ async fn short_tokens_refresh_once_per_window() {
 
     let exchanges = harness.azure.calls(Endpoint::AcrExchange);
     // 45 s of 10 s windows: 4 or 5 refreshes after the first token, never a stall.
-    assert!((4..=6).contains(&(tokens.len() - 1)), "refreshes: {}\n{}", tokens.len() - 1, harness.logs());
+    assert!(
+        (4..=6).contains(&(tokens.len() - 1)),
+        "refreshes: {}\n{}",
+        tokens.len() - 1,
+        harness.logs()
+    );
     // Exactly one exchange per token written (the sampled Secret may miss none at 250 ms).
     let exchanges = usize::try_from(exchanges).unwrap();
     assert!(
@@ -99,11 +133,14 @@ async fn spec_change_mints_new_token() {
     harness.create_binding("app", spec()).await;
     let secret = harness.wait_for_secret("app-msi-acrpull-secret").await;
     harness.wait_for_ready("app").await;
-    let first_hash = secret.metadata.annotations.clone().unwrap()["acrpull.microsoft.com/inputs-hash"].clone();
+    let first_hash =
+        secret.metadata.annotations.clone().unwrap()["acrpull.microsoft.com/inputs-hash"].clone();
     let exchanges = harness.azure.calls(Endpoint::AcrExchange);
 
     // Change the scope: a new access token is requested for it.
-    harness.patch_spec("app", json!({ "scope": "repository:app:pull" })).await;
+    harness
+        .patch_spec("app", json!({ "scope": "repository:app:pull" }))
+        .await;
     let changed = harness
         .poll("Secret with a new inputs hash", CONVERGE, || {
             let secrets = harness.secrets();
@@ -117,10 +154,15 @@ async fn spec_change_mints_new_token() {
         .await;
     assert!(harness.azure.calls(Endpoint::AcrExchange) > exchanges);
     assert!(harness.azure.calls(Endpoint::AcrToken) >= 1);
-    assert_ne!(secret_password(&changed, REGISTRY), secret_password(&secret, REGISTRY));
+    assert_ne!(
+        secret_password(&changed, REGISTRY),
+        secret_password(&secret, REGISTRY)
+    );
 
     // Change the server: the Secret's auths entry follows.
-    harness.patch_spec("app", json!({ "acrServer": "other.azurecr.io" })).await;
+    harness
+        .patch_spec("app", json!({ "acrServer": "other.azurecr.io" }))
+        .await;
     harness
         .poll("Secret for other.azurecr.io", CONVERGE, || {
             let secrets = harness.secrets();
@@ -143,11 +185,19 @@ async fn service_account_change_moves_reference() {
     let mut with_a = spec();
     with_a.service_account_name = Some("a".to_owned());
     harness.create_binding("app", with_a).await;
-    harness.wait_for_reference("a", "app-msi-acrpull-secret", true).await;
+    harness
+        .wait_for_reference("a", "app-msi-acrpull-secret", true)
+        .await;
 
-    harness.patch_spec("app", json!({ "serviceAccountName": "b" })).await;
-    harness.wait_for_reference("b", "app-msi-acrpull-secret", true).await;
-    harness.wait_for_reference("a", "app-msi-acrpull-secret", false).await;
+    harness
+        .patch_spec("app", json!({ "serviceAccountName": "b" }))
+        .await;
+    harness
+        .wait_for_reference("b", "app-msi-acrpull-secret", true)
+        .await;
+    harness
+        .wait_for_reference("a", "app-msi-acrpull-secret", false)
+        .await;
     let default = harness.service_accounts().get("default").await.unwrap();
     assert!(!references(&default, "app-msi-acrpull-secret"));
 }
@@ -158,21 +208,43 @@ async fn reference_keeps_other_entries_in_order() {
     let mut account = k8s_openapi::api::core::v1::ServiceAccount::default();
     account.metadata.name = Some("builder".to_owned());
     account.image_pull_secrets = Some(vec![
-        k8s_openapi::api::core::v1::LocalObjectReference { name: "first".to_owned() },
-        k8s_openapi::api::core::v1::LocalObjectReference { name: "second".to_owned() },
+        k8s_openapi::api::core::v1::LocalObjectReference {
+            name: "first".to_owned(),
+        },
+        k8s_openapi::api::core::v1::LocalObjectReference {
+            name: "second".to_owned(),
+        },
     ]);
-    harness.service_accounts().create(&PostParams::default(), &account).await.unwrap();
+    harness
+        .service_accounts()
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
     let mut target = spec();
     target.service_account_name = Some("builder".to_owned());
     harness.create_binding("app", target).await;
 
-    let account = harness.wait_for_reference("builder", "app-msi-acrpull-secret", true).await;
-    let names: Vec<String> = account.image_pull_secrets.unwrap().into_iter().map(|r| r.name).collect();
+    let account = harness
+        .wait_for_reference("builder", "app-msi-acrpull-secret", true)
+        .await;
+    let names: Vec<String> = account
+        .image_pull_secrets
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
     assert_eq!(names, vec!["first", "second", "app-msi-acrpull-secret"]);
 
     harness.delete_binding("app").await;
-    let account = harness.wait_for_reference("builder", "app-msi-acrpull-secret", false).await;
-    let names: Vec<String> = account.image_pull_secrets.unwrap().into_iter().map(|r| r.name).collect();
+    let account = harness
+        .wait_for_reference("builder", "app-msi-acrpull-secret", false)
+        .await;
+    let names: Vec<String> = account
+        .image_pull_secrets
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
     assert_eq!(names, vec!["first", "second"]);
 }
 
@@ -185,26 +257,42 @@ async fn missing_service_account_reports_then_recovers() {
 
     let binding = harness.wait_for_error("app", "later").await;
     assert!(!is_ready(&binding));
-    assert_eq!(ready_reason(&binding).as_deref(), Some("ServiceAccountNotFound"));
+    assert_eq!(
+        ready_reason(&binding).as_deref(),
+        Some("ServiceAccountNotFound")
+    );
     // The Secret is written anyway, so that it is ready when the ServiceAccount appears.
     harness.wait_for_secret("app-msi-acrpull-secret").await;
 
     harness.create_service_account("later").await;
-    harness.wait_for_reference("later", "app-msi-acrpull-secret", true).await;
+    harness
+        .wait_for_reference("later", "app-msi-acrpull-secret", true)
+        .await;
     harness.wait_for_ready("app").await;
-    assert!(harness.service_accounts().get_opt("default").await.unwrap().is_some());
+    assert!(
+        harness
+            .service_accounts()
+            .get_opt("default")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn delete_removes_reference_secret_and_finalizer() {
     let harness = Harness::start("delete").await;
     harness.create_binding("app", spec()).await;
-    harness.wait_for_reference("default", "app-msi-acrpull-secret", true).await;
+    harness
+        .wait_for_reference("default", "app-msi-acrpull-secret", true)
+        .await;
     harness.wait_for_ready("app").await;
 
     harness.delete_binding("app").await;
     wait_gone(&harness, "app").await;
-    harness.wait_for_reference("default", "app-msi-acrpull-secret", false).await;
+    harness
+        .wait_for_reference("default", "app-msi-acrpull-secret", false)
+        .await;
     wait_secret_gone(&harness, "app-msi-acrpull-secret").await;
 }
 
@@ -215,7 +303,9 @@ async fn delete_finishes_when_service_account_is_gone() {
     let mut target = spec();
     target.service_account_name = Some("short-lived".to_owned());
     harness.create_binding("app", target).await;
-    harness.wait_for_reference("short-lived", "app-msi-acrpull-secret", true).await;
+    harness
+        .wait_for_reference("short-lived", "app-msi-acrpull-secret", true)
+        .await;
 
     harness
         .service_accounts()
@@ -245,7 +335,12 @@ async fn secret_deleted_by_hand_is_restored() {
         .poll("Secret to be recreated", CONVERGE, || {
             let secrets = harness.secrets();
             let uid = original.metadata.uid.clone();
-            async move { Ok(secrets.get_opt("app-msi-acrpull-secret").await?.filter(|s| s.metadata.uid != uid)) }
+            async move {
+                Ok(secrets
+                    .get_opt("app-msi-acrpull-secret")
+                    .await?
+                    .filter(|s| s.metadata.uid != uid))
+            }
         })
         .await;
     assert!(secret_password(&restored, REGISTRY).starts_with("eyJ"));
@@ -254,7 +349,11 @@ async fn secret_deleted_by_hand_is_restored() {
     let edited = json!({ "data": { ".dockerconfigjson": "e30=" } });
     harness
         .secrets()
-        .patch("app-msi-acrpull-secret", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(edited))
+        .patch(
+            "app-msi-acrpull-secret",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(edited),
+        )
         .await
         .unwrap();
     harness

@@ -36,7 +36,10 @@ async fn crd_and_deployment_apply_with_kubectl() {
     let kubeconfig = control_plane.kubeconfig_path();
 
     let output = apply(kubeconfig, &["deploy/latest/crd.yaml"]);
-    assert!(output.contains("acrpullbindings.msi-acrpull.microsoft.com"), "{output}");
+    assert!(
+        output.contains("acrpullbindings.msi-acrpull.microsoft.com"),
+        "{output}"
+    );
 
     let output = apply(kubeconfig, &["deploy/latest/deploy.yaml"]);
     for object in [
@@ -49,6 +52,9 @@ async fn crd_and_deployment_apply_with_kubectl() {
     }
 
     // Applying again changes nothing.
-    let again = apply(kubeconfig, &["deploy/latest/crd.yaml", "deploy/latest/deploy.yaml"]);
+    let again = apply(
+        kubeconfig,
+        &["deploy/latest/crd.yaml", "deploy/latest/deploy.yaml"],
+    );
     assert!(!again.contains("configured"), "{again}");
 }

@@ -58,7 +58,11 @@ impl Harness {
     }
 
     /// Starts a namespace, a fake Azure with `config`, and the operator with `extra_args`.
-    pub async fn start_with(prefix: &str, config: FakeAzureConfig, extra_args: Vec<String>) -> Harness {
+    pub async fn start_with(
+        prefix: &str,
+        config: FakeAzureConfig,
+        extra_args: Vec<String>,
+    ) -> Harness {
         let mut harness = Self::without_operator(prefix, config).await;
         harness.extra_args = extra_args;
         harness.start_operator();
@@ -70,7 +74,10 @@ impl Harness {
         let control_plane = control_plane::shared().await;
         let client = control_plane.client();
         install_crds(&client).await;
-        let namespace = control_plane.namespace(prefix).await.expect("test namespace");
+        let namespace = control_plane
+            .namespace(prefix)
+            .await
+            .expect("test namespace");
         let azure = FakeAzure::start(config).await.expect("fake Azure starts");
         Harness {
             control_plane,
@@ -100,7 +107,11 @@ impl Harness {
         ]);
         args.extend(self.extra_args.iter().cloned());
         let log = std::env::temp_dir().join(format!("acrpull-{}-{}.log", self.ns(), rand_suffix()));
-        self.operator = Some(Operator::spawn(self.control_plane.kubeconfig_path().to_owned(), &args, log));
+        self.operator = Some(Operator::spawn(
+            self.control_plane.kubeconfig_path().to_owned(),
+            &args,
+            log,
+        ));
     }
 
     /// Stops the operator process and waits for it to exit.
@@ -112,13 +123,19 @@ impl Harness {
 
     /// Returns the operator's log so far, for assertion messages.
     pub fn logs(&self) -> String {
-        self.operator.as_ref().map(Operator::logs).unwrap_or_default()
+        self.operator
+            .as_ref()
+            .map(Operator::logs)
+            .unwrap_or_default()
     }
 
     /// Creates a binding labelled for this test's operator.
     pub async fn create_binding(&self, name: &str, spec: AcrPullBindingSpec) -> AcrPullBinding {
         let mut binding = AcrPullBinding::new(name, spec);
-        binding.metadata.labels = Some(BTreeMap::from([(TEST_LABEL.to_owned(), self.ns().to_owned())]));
+        binding.metadata.labels = Some(BTreeMap::from([(
+            TEST_LABEL.to_owned(),
+            self.ns().to_owned(),
+        )]));
         self.bindings()
             .create(&PostParams::default(), &binding)
             .await
@@ -128,7 +145,11 @@ impl Harness {
     /// Merges `spec` into the binding's spec.
     pub async fn patch_spec(&self, name: &str, spec: serde_json::Value) {
         self.bindings()
-            .patch(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({ "spec": spec })))
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "spec": spec })),
+            )
             .await
             .expect("binding spec is patched");
     }
@@ -176,10 +197,18 @@ impl Harness {
     }
 
     /// Waits until `ServiceAccount` `account` lists `secret` in imagePullSecrets.
-    pub async fn wait_for_reference(&self, account: &str, secret: &str, present: bool) -> ServiceAccount {
+    pub async fn wait_for_reference(
+        &self,
+        account: &str,
+        secret: &str,
+        present: bool,
+    ) -> ServiceAccount {
         let accounts = self.service_accounts();
         let (account, secret) = (account.to_owned(), secret.to_owned());
-        let what = format!("ServiceAccount {account} {} {secret}", if present { "to reference" } else { "to drop" });
+        let what = format!(
+            "ServiceAccount {account} {} {secret}",
+            if present { "to reference" } else { "to drop" }
+        );
         self.poll(&what, CONVERGE, || {
             let accounts = accounts.clone();
             let (account, secret) = (account.clone(), secret.clone());
@@ -212,16 +241,20 @@ impl Harness {
     /// Waits until the binding's status has an error containing `fragment`.
     pub async fn wait_for_error(&self, name: &str, fragment: &str) -> AcrPullBinding {
         let fragment = fragment.to_owned();
-        self.wait_for_binding(name, &format!("to report an error containing {fragment:?}"), move |b| {
-            status_error(b).is_some_and(|error| error.contains(&fragment))
-        })
+        self.wait_for_binding(
+            name,
+            &format!("to report an error containing {fragment:?}"),
+            move |b| status_error(b).is_some_and(|error| error.contains(&fragment)),
+        )
         .await
     }
 
     /// Waits until the binding is Ready with no error.
     pub async fn wait_for_ready(&self, name: &str) -> AcrPullBinding {
-        self.wait_for_binding(name, "to become Ready", |b| is_ready(b) && status_error(b).is_none())
-            .await
+        self.wait_for_binding(name, "to become Ready", |b| {
+            is_ready(b) && status_error(b).is_none()
+        })
+        .await
     }
 
     /// Polls `probe` until it returns `Some`, failing the test with the operator log.
@@ -239,7 +272,11 @@ impl Harness {
 
 /// Returns whether the ServiceAccount lists the Secret.
 pub fn references(account: &ServiceAccount, secret: &str) -> bool {
-    account.image_pull_secrets.iter().flatten().any(|entry| entry.name == secret)
+    account
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .any(|entry| entry.name == secret)
 }
 
 /// Returns the binding's `status.error`.
@@ -249,10 +286,11 @@ pub fn status_error(binding: &AcrPullBinding) -> Option<&str> {
 
 /// Returns whether the binding's Ready condition is True.
 pub fn is_ready(binding: &AcrPullBinding) -> bool {
-    binding
-        .status
-        .as_ref()
-        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    binding.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
 }
 
 /// Returns the Ready condition's reason.
@@ -303,9 +341,13 @@ async fn install_crds(client: &Client) {
         let api: Api<CustomResourceDefinition> = Api::all(client.clone());
         for crd in acrpull::crd::definitions() {
             let name = crd.metadata.name.clone().expect("CRD has a name");
-            api.patch(&name, &PatchParams::apply("acrpull-tests").force(), &Patch::Apply(&crd))
-                .await
-                .expect("CRD applies");
+            api.patch(
+                &name,
+                &PatchParams::apply("acrpull-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .expect("CRD applies");
             poll_until(&format!("CRD {name} to be established"), CONVERGE, || {
                 let api = api.clone();
                 let name = name.clone();
@@ -329,7 +371,10 @@ async fn install_crds(client: &Client) {
 
 fn rand_suffix() -> u32 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default()
 }
 
 /// The `acrpull` binary running as a child process.
@@ -360,7 +405,10 @@ impl Operator {
                 Ok(())
             });
         }
-        let child = command.spawn().context("failed to start the acrpull binary").unwrap();
+        let child = command
+            .spawn()
+            .context("failed to start the acrpull binary")
+            .unwrap();
         Operator { child, log }
     }
 

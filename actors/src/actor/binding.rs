@@ -3,7 +3,10 @@
 //! It performs no I/O itself. Each event goes through [`step`], and the resulting commands go
 //! to the token broker, the writer, or the binding's own timer.
 
-use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, MessageResult, Recipient, SpawnHandle};
+use actix::{
+    Actor, ActorContext, AsyncContext, Context, Handler, Message, MessageResult, Recipient,
+    SpawnHandle,
+};
 use jiff::Timestamp;
 use tracing::{Span, debug, info, info_span, warn};
 
@@ -116,7 +119,10 @@ impl BindingActor {
 
     fn execute(&mut self, command: Command, now: Timestamp, ctx: &mut Context<Self>) {
         match command {
-            Command::RequestToken { inputs_hash, request } => {
+            Command::RequestToken {
+                inputs_hash,
+                request,
+            } => {
                 self.context.broker.do_send(IssueToken {
                     key: self.state.key.clone(),
                     inputs_hash,
@@ -133,7 +139,9 @@ impl BindingActor {
                 if let Some(previous) = self.timer.take() {
                     ctx.cancel_future(previous);
                 }
-                let delay = Command::ArmTimer { at, purpose }.timer_delay(now).unwrap_or_default();
+                let delay = Command::ArmTimer { at, purpose }
+                    .timer_delay(now)
+                    .unwrap_or_default();
                 debug!(%at, ?purpose, "timer armed");
                 self.timer = Some(ctx.run_later(delay, |actor, ctx| {
                     actor.timer = None;

@@ -160,7 +160,8 @@ impl TokenBroker {
 
             let call = self.source.issue(request.clone());
             let timeout = self.config.request_timeout;
-            let future = wrap_future::<_, Self>(async move { tokio::time::timeout(timeout, call).await });
+            let future =
+                wrap_future::<_, Self>(async move { tokio::time::timeout(timeout, call).await });
             ctx.spawn(future.map(move |result, broker, ctx| {
                 let result = result.unwrap_or_else(|_| Err(timed_out(&request, timeout)));
                 broker.finish_call(&request, &result, ctx);
@@ -168,7 +169,12 @@ impl TokenBroker {
         }
     }
 
-    fn finish_call(&mut self, request: &TokenRequest, result: &Result<IssuedToken, TokenError>, ctx: &mut Context<Self>) {
+    fn finish_call(
+        &mut self,
+        request: &TokenRequest,
+        result: &Result<IssuedToken, TokenError>,
+        ctx: &mut Context<Self>,
+    ) {
         self.running -= 1;
         let waiters = self.waiters.remove(request).unwrap_or_default();
 
@@ -202,7 +208,10 @@ impl TokenBroker {
                     error: error.clone(),
                 },
             };
-            self.reply.do_send(Deliver { key: waiter.key, event });
+            self.reply.do_send(Deliver {
+                key: waiter.key,
+                event,
+            });
         }
 
         self.start_calls(ctx);
@@ -232,7 +241,9 @@ impl Actor for TokenBroker {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.config.cache_sweep_interval, |broker, _| broker.sweep_cache());
+        ctx.run_interval(self.config.cache_sweep_interval, |broker, _| {
+            broker.sweep_cache()
+        });
     }
 }
 

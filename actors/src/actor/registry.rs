@@ -8,7 +8,9 @@ use actix::{Actor, Addr, AsyncContext, Context, Handler, Message, ResponseFuture
 use tracing::{debug, info};
 
 use crate::actor::Deliver;
-use crate::actor::binding::{BindingActor, BindingContext, BindingSnapshot, BindingStopped, Halt, Inspect};
+use crate::actor::binding::{
+    BindingActor, BindingContext, BindingSnapshot, BindingStopped, Halt, Inspect,
+};
 use crate::event::{BindingEvent, ObservedSecret};
 use crate::model::BindingKey;
 
@@ -73,7 +75,9 @@ impl Registry {
     }
 
     fn update_gauges(&self) {
-        self.stats.bindings.store(self.bindings.len(), Ordering::Relaxed);
+        self.stats
+            .bindings
+            .store(self.bindings.len(), Ordering::Relaxed);
         self.stats
             .pending_secrets
             .store(self.pending_secrets.len(), Ordering::Relaxed);
@@ -83,7 +87,8 @@ impl Registry {
         self.next_incarnation += 1;
         let incarnation = self.next_incarnation;
         let address = BindingActor::new(key.clone(), incarnation, self.context.clone()).start();
-        self.bindings.insert(key.clone(), (address.clone(), incarnation));
+        self.bindings
+            .insert(key.clone(), (address.clone(), incarnation));
         self.stats.bindings_started.fetch_add(1, Ordering::Relaxed);
         debug!(namespace = %key.namespace, name = %key.name, "binding actor started");
         address
@@ -171,7 +176,10 @@ impl Handler<InspectBinding> for Registry {
     type Result = ResponseFuture<Option<BindingSnapshot>>;
 
     fn handle(&mut self, message: InspectBinding, _ctx: &mut Self::Context) -> Self::Result {
-        let address = self.bindings.get(&message.key).map(|(address, _)| address.clone());
+        let address = self
+            .bindings
+            .get(&message.key)
+            .map(|(address, _)| address.clone());
         Box::pin(async move {
             match address {
                 Some(address) => address.send(Inspect).await.ok(),

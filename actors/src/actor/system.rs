@@ -181,7 +181,8 @@ impl ActorSystem {
             writer: writer.clone().recipient(),
             registry: registry_address.recipient(),
         };
-        let registry = registry_context.run(Registry::new(binding_context, Arc::clone(&registry_stats)));
+        let registry =
+            registry_context.run(Registry::new(binding_context, Arc::clone(&registry_stats)));
         info!(
             writer_qps = config.writer.qps,
             writer_burst = config.writer.burst,
@@ -213,7 +214,11 @@ impl ActorSystem {
     ///
     /// # Errors
     /// Returns [`DeliverError::Stopped`] after shutdown.
-    pub async fn deliver_async(&self, key: BindingKey, event: BindingEvent) -> Result<(), DeliverError> {
+    pub async fn deliver_async(
+        &self,
+        key: BindingKey,
+        event: BindingEvent,
+    ) -> Result<(), DeliverError> {
         if self.shut_down.load(Ordering::Acquire) {
             return Err(DeliverError::Stopped { key });
         }
@@ -261,7 +266,11 @@ impl ActorSystem {
 
     /// Returns a copy of a binding's state and journal, or `None` when it has no actor.
     pub async fn inspect(&self, key: BindingKey) -> Option<BindingSnapshot> {
-        self.registry.send(InspectBinding { key }).await.ok().flatten()
+        self.registry
+            .send(InspectBinding { key })
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Stops the binding actors, drains the writer for up to its drain timeout, then stops

@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix::fut::{ActorFutureExt, wrap_future};
-use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, Recipient, ResponseFuture};
+use actix::{
+    Actor, ActorContext, AsyncContext, Context, Handler, Message, Recipient, ResponseFuture,
+};
 use governor::clock::Clock as RateLimiterClock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -206,9 +208,15 @@ impl WriterActor {
     /// Panics if `config.qps` or `config.burst` is zero; [`WriterConfig::validate`] rejects
     /// both.
     #[must_use]
-    pub fn new(config: WriterConfig, writer: Arc<dyn ClusterWriter>, reply: Recipient<Deliver>, stats: Arc<WriterStats>) -> Self {
+    pub fn new(
+        config: WriterConfig,
+        writer: Arc<dyn ClusterWriter>,
+        reply: Recipient<Deliver>,
+        stats: Arc<WriterStats>,
+    ) -> Self {
         let qps = NonZeroU32::new(config.qps).expect("writer.qps is validated to be at least 1");
-        let burst = NonZeroU32::new(config.burst).expect("writer.burst is validated to be at least 1");
+        let burst =
+            NonZeroU32::new(config.burst).expect("writer.burst is validated to be at least 1");
         let quota = Quota::per_second(qps).allow_burst(burst);
 
         Self {
@@ -234,7 +242,11 @@ impl WriterActor {
     }
 
     fn enqueue(&mut self, slot: Slot, ticket: u64, urgent: bool, front: bool) {
-        let queue = if urgent { &mut self.urgent } else { &mut self.normal };
+        let queue = if urgent {
+            &mut self.urgent
+        } else {
+            &mut self.normal
+        };
         if front {
             queue.push_front((slot, ticket));
         } else {
@@ -276,7 +288,11 @@ impl WriterActor {
             }
         } else {
             let blocked = self.in_flight.contains(&slot);
-            let state = if blocked { EntryState::Blocked } else { EntryState::Queued };
+            let state = if blocked {
+                EntryState::Blocked
+            } else {
+                EntryState::Queued
+            };
             self.entries.insert(
                 slot.clone(),
                 Entry {
@@ -298,7 +314,10 @@ impl WriterActor {
     /// Returns the next queued slot whose ticket is current; stale positions are dropped.
     fn pop_next(&mut self) -> Option<(Slot, u64)> {
         loop {
-            let (slot, ticket) = self.urgent.pop_front().or_else(|| self.normal.pop_front())?;
+            let (slot, ticket) = self
+                .urgent
+                .pop_front()
+                .or_else(|| self.normal.pop_front())?;
             let current = self
                 .entries
                 .get(&slot)
@@ -343,9 +362,12 @@ impl WriterActor {
         };
         self.in_flight.insert(slot.clone());
 
-        let call = self.writer.apply(entry.request.key.clone(), entry.request.write.clone());
+        let call = self
+            .writer
+            .apply(entry.request.key.clone(), entry.request.write.clone());
         let timeout = self.config.write_timeout;
-        let future = wrap_future::<_, Self>(async move { tokio::time::timeout(timeout, call).await });
+        let future =
+            wrap_future::<_, Self>(async move { tokio::time::timeout(timeout, call).await });
         ctx.spawn(future.map(move |result, writer, ctx| {
             let result = result.unwrap_or_else(|_| {
                 Err(WriteError {
@@ -361,7 +383,13 @@ impl WriterActor {
         }));
     }
 
-    fn finish(&mut self, slot: Slot, entry: Entry, result: Result<(), WriteError>, ctx: &mut Context<Self>) {
+    fn finish(
+        &mut self,
+        slot: Slot,
+        entry: Entry,
+        result: Result<(), WriteError>,
+        ctx: &mut Context<Self>,
+    ) {
         self.in_flight.remove(&slot);
         let superseded = self.entries.contains_key(&slot);
 
@@ -389,15 +417,26 @@ impl WriterActor {
         self.pump(ctx);
     }
 
-    fn retry_or_fail(&mut self, slot: Slot, mut entry: Entry, error: WriteError, ctx: &mut Context<Self>) {
+    fn retry_or_fail(
+        &mut self,
+        slot: Slot,
+        mut entry: Entry,
+        error: WriteError,
+        ctx: &mut Context<Self>,
+    ) {
         entry.attempts += 1;
-        let conflict_retry = error.kind == WriteErrorKind::Conflict && entry.attempts <= self.config.conflict_retries;
-        let throttled_retry =
-            matches!(error.kind, WriteErrorKind::Throttled(_)) && entry.attempts < self.config.max_attempts;
+        let conflict_retry = error.kind == WriteErrorKind::Conflict
+            && entry.attempts <= self.config.conflict_retries;
+        let throttled_retry = matches!(error.kind, WriteErrorKind::Throttled(_))
+            && entry.attempts < self.config.max_attempts;
 
         if conflict_retry {
             self.stats.retried.fetch_add(1, Ordering::Relaxed);
-            debug!(write = entry.request.write.kind().as_str(), attempt = entry.attempts, "conflict, retrying at once");
+            debug!(
+                write = entry.request.write.kind().as_str(),
+                attempt = entry.attempts,
+                "conflict, retrying at once"
+            );
             entry.ticket = self.ticket();
             entry.state = EntryState::Queued;
             let (ticket, urgent) = (entry.ticket, entry.urgent);
@@ -412,11 +451,16 @@ impl WriterActor {
                 WriteErrorKind::Throttled(delay) => delay,
                 _ => None,
             };
-            let delay = self
-                .config
-                .backoff
-                .delay(entry.attempts, rand::random::<f64>(), retry_after);
-            debug!(write = entry.request.write.kind().as_str(), attempt = entry.attempts, ?delay, "throttled, retrying later");
+            let delay =
+                self.config
+                    .backoff
+                    .delay(entry.attempts, rand::random::<f64>(), retry_after);
+            debug!(
+                write = entry.request.write.kind().as_str(),
+                attempt = entry.attempts,
+                ?delay,
+                "throttled, retrying later"
+            );
 
             entry.ticket = self.ticket();
             entry.state = EntryState::Delayed;
@@ -465,12 +509,19 @@ impl WriterActor {
                 error,
             },
         };
-        self.reply.do_send(Deliver { key: request.key, event });
+        self.reply.do_send(Deliver {
+            key: request.key,
+            event,
+        });
     }
 
     fn update_gauges(&self) {
-        self.stats.queued.store(self.entries.len(), Ordering::Relaxed);
-        self.stats.in_flight.store(self.in_flight.len(), Ordering::Relaxed);
+        self.stats
+            .queued
+            .store(self.entries.len(), Ordering::Relaxed);
+        self.stats
+            .in_flight
+            .store(self.in_flight.len(), Ordering::Relaxed);
     }
 
     fn report_drain(&self, dropped: usize) -> DrainReport {
@@ -489,14 +540,21 @@ impl WriterActor {
         for waiter in self.drain_waiters.drain(..) {
             let _ = waiter.send(report);
         }
-        info!(applied = report.applied, failed = report.failed, "writer drained and stopped");
+        info!(
+            applied = report.applied,
+            failed = report.failed,
+            "writer drained and stopped"
+        );
         ctx.stop();
     }
 
     fn abandon(&mut self, ctx: &mut Context<Self>) {
         let dropped = self.entries.len() + self.in_flight.len();
         if dropped > 0 {
-            warn!(dropped, "writer stopped before its queue drained; dropped the remaining writes");
+            warn!(
+                dropped,
+                "writer stopped before its queue drained; dropped the remaining writes"
+            );
         }
         self.entries.clear();
         self.urgent.clear();
@@ -552,10 +610,34 @@ mod tests {
     fn writer_config_validation() {
         assert!(WriterConfig::default().validate().is_ok());
         let cases = [
-            (WriterConfig { qps: 0, ..WriterConfig::default() }, "writer.qps"),
-            (WriterConfig { burst: 0, ..WriterConfig::default() }, "writer.burst"),
-            (WriterConfig { max_in_flight: 0, ..WriterConfig::default() }, "writer.max_in_flight"),
-            (WriterConfig { max_attempts: 0, ..WriterConfig::default() }, "writer.max_attempts"),
+            (
+                WriterConfig {
+                    qps: 0,
+                    ..WriterConfig::default()
+                },
+                "writer.qps",
+            ),
+            (
+                WriterConfig {
+                    burst: 0,
+                    ..WriterConfig::default()
+                },
+                "writer.burst",
+            ),
+            (
+                WriterConfig {
+                    max_in_flight: 0,
+                    ..WriterConfig::default()
+                },
+                "writer.max_in_flight",
+            ),
+            (
+                WriterConfig {
+                    max_attempts: 0,
+                    ..WriterConfig::default()
+                },
+                "writer.max_attempts",
+            ),
             (
                 WriterConfig {
                     write_timeout: Duration::ZERO,
