@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use acrpull_actors::actor::system::{ActorSystem, SystemConfig};
+use acrpull_actors::{ActorSystem, SystemConfig};
 use acrpull_actors::clock::Clock;
 use acrpull_actors::event::{BindingEvent, ObservedBinding, ObservedStatus};
 use acrpull_actors::memory::{MemoryClusterWriter, MemoryTokenSource};
