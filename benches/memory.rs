@@ -82,11 +82,11 @@ fn measure(count: usize) -> usize {
 }
 
 fn main() {
-    // `cargo test --benches` passes `--test`; one small run proves the bench still works.
-    let counts: &[usize] = if std::env::args().any(|arg| arg == "--test") {
-        &[100]
-    } else {
+    // `cargo bench` passes `--bench`; under `cargo test` one small run proves the bench works.
+    let counts: &[usize] = if std::env::args().any(|arg| arg == "--bench") {
         &[1_000, 10_000]
+    } else {
+        &[100]
     };
 
     println!("{:>10} {:>14} {:>18}", "bindings", "RSS growth", "bytes per binding");
