@@ -46,7 +46,7 @@ fn resident_bytes() -> usize {
 }
 
 /// Brings `count` bindings to Ready and returns the resident growth in bytes, measured while
-/// they are all alive. Every tenth binding shares an identity, so the token cache holds
+/// they are all alive. Each group of ten bindings shares an identity, so the token cache has
 /// `count / 10` entries.
 fn measure(count: usize) -> usize {
     let system = actix_rt::System::new();
