@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use acrpull_actors::{ActorSystem, SystemConfig};
 use acrpull_actors::clock::Clock;
 use acrpull_actors::event::{BindingEvent, ObservedBinding, ObservedStatus};
 use acrpull_actors::memory::{MemoryClusterWriter, MemoryTokenSource};
 use acrpull_actors::model::{BindingKey, DesiredBinding, Identity, v1beta1_secret_name};
+use acrpull_actors::{ActorSystem, SystemConfig};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 const BINDINGS_PER_NAMESPACE: usize = 100;

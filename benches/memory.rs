@@ -36,7 +36,8 @@ fn spec(name: &str, identity: usize) -> BindingEvent {
 
 /// Returns the resident set size in bytes.
 fn resident_bytes() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm is readable on Linux");
+    let statm =
+        std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm is readable on Linux");
     let pages: usize = statm
         .split_whitespace()
         .nth(1)
@@ -66,11 +67,15 @@ fn measure(count: usize) -> usize {
         let before = resident_bytes();
         for index in 0..count {
             let name = format!("app-{index}");
-            actors.deliver(BindingKey::new(namespace(index), name.clone()), spec(&name, index / 10));
+            actors.deliver(
+                BindingKey::new(namespace(index), name.clone()),
+                spec(&name, index / 10),
+            );
         }
         let all_ready = cluster
             .wait_until(Duration::from_mins(10), |cluster| {
-                cluster.statuses.len() == count && cluster.statuses.values().all(|status| status.ready.ready)
+                cluster.statuses.len() == count
+                    && cluster.statuses.values().all(|status| status.ready.ready)
             })
             .await;
         assert!(all_ready, "not every binding became Ready within 600 s");
@@ -89,9 +94,16 @@ fn main() {
         &[100]
     };
 
-    println!("{:>10} {:>14} {:>18}", "bindings", "RSS growth", "bytes per binding");
+    println!(
+        "{:>10} {:>14} {:>18}",
+        "bindings", "RSS growth", "bytes per binding"
+    );
     for &count in counts {
         let growth = measure(count);
-        println!("{count:>10} {:>11.1} MiB {:>18}", growth as f64 / 1_048_576.0, growth / count);
+        println!(
+            "{count:>10} {:>11.1} MiB {:>18}",
+            growth as f64 / 1_048_576.0,
+            growth / count
+        );
     }
 }

@@ -46,6 +46,10 @@ pub struct ControllerArgs {
     #[arg(long, env = "ENABLE_LEADER_ELECTION")]
     pub enable_leader_election: bool,
 
+    /// Namespace of the leader election Lease; defaults to the controller's own namespace.
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
     /// Address of the health endpoints /healthz (alive) and /readyz (initial list done).
     #[arg(long, env = "HEALTH_PROBE_ADDR", default_value = "0.0.0.0:8081")]
     pub health_probe_addr: SocketAddr,

@@ -19,6 +19,7 @@ use crate::cli::{ControllerArgs, LogFormat};
 use crate::cluster::watch::{self, EventSink, WatchConfig};
 use crate::cluster::writer::{BindingDirectory, KubeWriter};
 use crate::health;
+use crate::leader::{self, Leadership};
 
 /// Page size of the initial lists; bounds the memory a relist needs.
 const LIST_PAGE_SIZE: u32 = 500;
@@ -51,13 +52,35 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
         "failed to create the Kubernetes client; check KUBECONFIG or the in-cluster ServiceAccount",
     )?;
 
-    if args.enable_leader_election {
-        // NOTE: leader election is accepted for compatibility with the original Deployment
-        // arguments but not implemented yet, so every replica acts. Writes are idempotent, but
-        // replicas duplicate Azure calls.
-        warn!("--enable-leader-election is accepted but not implemented yet; every replica acts");
-    }
+    // NOTE: the metrics flag is accepted for compatibility with the original Deployment
+    // arguments, but no metrics are served yet.
     info!(metrics_addr = %args.metrics_addr, "metrics endpoint is not served yet");
+
+    let (ready_tx, ready_rx) = signal::channel(false);
+    let (stop_tx, stop_rx) = signal::channel(false);
+    let health = tokio::spawn(health::serve(
+        args.health_probe_addr,
+        ready_rx,
+        wait_for(stop_rx),
+    ));
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+
+    let mut leadership = None;
+    if args.enable_leader_election {
+        let namespace = leader::lease_namespace(args.leader_election_namespace.as_deref());
+        let mut lease = Leadership::start(client.clone(), &namespace, &leader::identity()).await?;
+        // A standby replica is healthy and ready: it takes over when the leader goes.
+        let _ = ready_tx.send(true);
+        tokio::select! {
+            () = lease.acquired() => {}
+            () = &mut shutdown => {
+                let _ = stop_tx.send(true);
+                return Ok(());
+            }
+        }
+        let _ = ready_tx.send(false);
+        leadership = Some(lease);
+    }
 
     let endpoints = AzureEndpoints {
         imds_endpoint: args.azure.imds_endpoint.clone(),
@@ -106,13 +129,6 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
         page_size: LIST_PAGE_SIZE,
     };
 
-    let (ready_tx, ready_rx) = signal::channel(false);
-    let (stop_tx, stop_rx) = signal::channel(false);
-    let health = tokio::spawn(health::serve(
-        args.health_probe_addr,
-        ready_rx,
-        wait_for(stop_rx),
-    ));
     let watches = tokio::spawn(watch::run(
         client,
         watch_config,
@@ -122,7 +138,20 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
     ));
     info!("controller started");
 
-    shutdown_signal().await;
+    let lost_leadership = async {
+        match &mut leadership {
+            Some(lease) => lease.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        () = &mut shutdown => Ok(()),
+        () = lost_leadership => Err(anyhow::anyhow!(
+            "lost the leader election Lease {}; exiting so that Kubernetes restarts this replica as a standby",
+            leader::LEASE_NAME
+        )),
+    };
+
     info!("shutting down: stopping watches, then draining queued writes");
     watches.abort();
     let _ = stop_tx.send(true);
@@ -132,8 +161,11 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
         Err(error) if !error.is_cancelled() => warn!(%error, "health endpoint task failed"),
         _ => {}
     }
+    if let Some(lease) = leadership {
+        lease.release().await;
+    }
     info!("controller stopped");
-    Ok(())
+    outcome
 }
 
 /// Delivers watch events to the actor system.

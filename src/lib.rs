@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod controller;
 pub mod crd;
 pub mod health;
+pub mod leader;

@@ -388,7 +388,7 @@ impl World {
                     self.check_no_token(&texts)?;
                 }
                 ClusterWrite::PublishEvent(notice) => {
-                    self.check_no_token(std::slice::from_ref(&notice.message))?
+                    self.check_no_token(std::slice::from_ref(&notice.message))?;
                 }
                 ClusterWrite::AddFinalizer | ClusterWrite::RemoveFinalizer => {}
             }

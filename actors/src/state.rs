@@ -249,10 +249,10 @@ impl BindingState {
             BindingEvent::ServiceAccountObserved(account) => self.observe_service_account(account),
             BindingEvent::ServiceAccountGone { name } => self.forget_service_account(name),
             BindingEvent::TokenIssued { inputs_hash, token } => {
-                self.accept_token(inputs_hash, token, now)
+                self.accept_token(inputs_hash, token, now);
             }
             BindingEvent::TokenFailed { inputs_hash, error } => {
-                self.record_token_failure(inputs_hash, error)
+                self.record_token_failure(inputs_hash, error);
             }
             BindingEvent::WriteDone(write) => self.complete_write(write),
             BindingEvent::WriteFailed { write, error } => self.fail_write(write, error),

@@ -5,6 +5,7 @@
 //! test in the test's own namespace. The control plane is shared by the whole binary.
 
 mod faults;
+mod leader;
 mod lifecycle;
 mod manifests;
 mod support;

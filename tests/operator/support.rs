@@ -96,6 +96,11 @@ impl Harness {
 
     /// Starts (or restarts) the operator process.
     pub fn start_operator(&mut self) {
+        self.operator = Some(self.spawn_operator());
+    }
+
+    /// Starts one more operator process for this test, owned by the caller.
+    pub fn spawn_operator(&self) -> Operator {
         let mut args = self.azure.operator_args();
         args.extend([
             "--label-selector".to_owned(),
@@ -107,11 +112,7 @@ impl Harness {
         ]);
         args.extend(self.extra_args.iter().cloned());
         let log = std::env::temp_dir().join(format!("acrpull-{}-{}.log", self.ns(), rand_suffix()));
-        self.operator = Some(Operator::spawn(
-            self.control_plane.kubeconfig_path().to_owned(),
-            &args,
-            log,
-        ));
+        Operator::spawn(self.control_plane.kubeconfig_path().to_owned(), &args, log)
     }
 
     /// Stops the operator process and waits for it to exit.
@@ -410,6 +411,17 @@ impl Operator {
             .context("failed to start the acrpull binary")
             .unwrap();
         Operator { child, log }
+    }
+
+    /// Returns the process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process at once, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits up to 10 s, then kills.

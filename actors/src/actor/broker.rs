@@ -242,7 +242,7 @@ impl Actor for TokenBroker {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.config.cache_sweep_interval, |broker, _| {
-            broker.sweep_cache()
+            broker.sweep_cache();
         });
     }
 }
