@@ -82,52 +82,9 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
         leadership = Some(lease);
     }
 
-    let endpoints = AzureEndpoints {
-        imds_endpoint: args.azure.imds_endpoint.clone(),
-        entra_authority_host: args.azure.entra_authority_host.clone(),
-        arm_resource: args.azure.arm_resource.clone(),
-        acr_address: args.azure.acr_address,
-        extra_ca_file: args.azure.extra_ca_file.clone(),
-        request_timeout: args.azure.azure_request_timeout,
-    };
-    let token_source =
-        AzureTokenSource::new(endpoints).context("failed to set up the Azure clients")?;
-
     let directory = BindingDirectory::default();
-    let reporter = Reporter {
-        controller: "acrpull".to_owned(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
-    let writer = KubeWriter::new(
-        client.clone(),
-        directory.clone(),
-        Recorder::new(client.clone(), reporter),
-    );
-
-    let mut config = SystemConfig::default();
-    config.decide.refresh.margin = args.refresh_margin;
-    config.writer.qps = args.writer_qps;
-    config.writer.burst = args.writer_burst;
-    let actors = ActorSystem::start(config, Arc::new(token_source), Arc::new(writer))
-        .context("invalid controller settings")?;
-
-    let watch_config = WatchConfig {
-        binding_selector: args.label_selector.clone(),
-        defaults: Defaults {
-            acr_server: args.default_acr_server.clone(),
-            managed_identity_resource_id: args.default_managed_identity_resource_id.clone(),
-            managed_identity_client_id: args.default_managed_identity_client_id.clone(),
-        },
-        policy: RegistryPolicy {
-            allowed_suffixes: args
-                .allowed_acr_server_suffixes
-                .iter()
-                .map(|suffix| suffix.trim().to_owned())
-                .filter(|suffix| !suffix.is_empty())
-                .collect(),
-        },
-        page_size: LIST_PAGE_SIZE,
-    };
+    let actors = start_actors(args, &client, &directory)?;
+    let watch_config = watch_config(args);
 
     let watches = tokio::spawn(watch::run(
         client,
@@ -166,6 +123,62 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
     }
     info!("controller stopped");
     outcome
+}
+
+/// Builds the Azure and Kubernetes adapters and starts the actor system on them.
+fn start_actors(
+    args: &ControllerArgs,
+    client: &Client,
+    directory: &BindingDirectory,
+) -> anyhow::Result<ActorSystem> {
+    let endpoints = AzureEndpoints {
+        imds_endpoint: args.azure.imds_endpoint.clone(),
+        entra_authority_host: args.azure.entra_authority_host.clone(),
+        arm_resource: args.azure.arm_resource.clone(),
+        acr_address: args.azure.acr_address,
+        extra_ca_file: args.azure.extra_ca_file.clone(),
+        request_timeout: args.azure.azure_request_timeout,
+    };
+    let token_source =
+        AzureTokenSource::new(endpoints).context("failed to set up the Azure clients")?;
+
+    let reporter = Reporter {
+        controller: "acrpull".to_owned(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let writer = KubeWriter::new(
+        client.clone(),
+        directory.clone(),
+        Recorder::new(client.clone(), reporter),
+    );
+
+    let mut config = SystemConfig::default();
+    config.decide.refresh.margin = args.refresh_margin;
+    config.writer.qps = args.writer_qps;
+    config.writer.burst = args.writer_burst;
+    ActorSystem::start(config, Arc::new(token_source), Arc::new(writer))
+        .context("invalid controller settings")
+}
+
+/// Returns the watch settings from the flags.
+fn watch_config(args: &ControllerArgs) -> WatchConfig {
+    WatchConfig {
+        binding_selector: args.label_selector.clone(),
+        defaults: Defaults {
+            acr_server: args.default_acr_server.clone(),
+            managed_identity_resource_id: args.default_managed_identity_resource_id.clone(),
+            managed_identity_client_id: args.default_managed_identity_client_id.clone(),
+        },
+        policy: RegistryPolicy {
+            allowed_suffixes: args
+                .allowed_acr_server_suffixes
+                .iter()
+                .map(|suffix| suffix.trim().to_owned())
+                .filter(|suffix| !suffix.is_empty())
+                .collect(),
+        },
+        page_size: LIST_PAGE_SIZE,
+    }
 }
 
 /// Delivers watch events to the actor system.

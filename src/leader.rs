@@ -94,7 +94,7 @@ impl Leadership {
         match tokio::time::timeout(RELEASE_TIMEOUT, self.renewal).await {
             Ok(Ok(Ok(_))) => info!(lease = LEASE_NAME, "released the Lease"),
             Ok(Ok(Err(error))) => {
-                warn!(lease = LEASE_NAME, %error, "failed to release the Lease; a standby takes over when it expires")
+                warn!(lease = LEASE_NAME, %error, "failed to release the Lease; a standby takes over when it expires");
             }
             Ok(Err(error)) => warn!(lease = LEASE_NAME, %error, "the Lease renewal task failed"),
             Err(_) => warn!(

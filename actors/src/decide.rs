@@ -1156,6 +1156,10 @@ mod tests {
     }
 
     #[test]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one table row per transition reads better than split tables"
+    )]
     fn deletion_transitions() {
         run(&[
             Case {
