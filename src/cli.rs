@@ -38,7 +38,7 @@ pub enum Command {
 /// Settings of the controller.
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
-    /// Address of the Prometheus metrics endpoint.
+    /// Address of the Prometheus endpoint `/metrics`.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:8080")]
     pub metrics_addr: SocketAddr,
 

@@ -1,10 +1,12 @@
 //! Wires the adapters to the actor system and runs the controller until a signal stops it.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
+use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
 use tracing::{info, warn};
 
@@ -18,8 +20,8 @@ use crate::azure::endpoints::AzureEndpoints;
 use crate::cli::{ControllerArgs, LogFormat};
 use crate::cluster::watch::{self, EventSink, WatchConfig};
 use crate::cluster::writer::{BindingDirectory, KubeWriter};
-use crate::health;
 use crate::leader::{self, Leadership};
+use crate::{health, metrics};
 
 /// Page size of the initial lists; bounds the memory a relist needs.
 const LIST_PAGE_SIZE: u32 = 500;
@@ -52,16 +54,16 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
         "failed to create the Kubernetes client; check KUBECONFIG or the in-cluster ServiceAccount",
     )?;
 
-    // NOTE: the metrics flag is accepted for compatibility with the original Deployment
-    // arguments, but no metrics are served yet.
-    info!(metrics_addr = %args.metrics_addr, "metrics endpoint is not served yet");
-
     let (ready_tx, ready_rx) = signal::channel(false);
     let (stop_tx, stop_rx) = signal::channel(false);
     let health = tokio::spawn(health::serve(
-        args.health_probe_addr,
+        listen(
+            args.health_probe_addr,
+            "health probes (--health-probe-addr)",
+        )
+        .await?,
         ready_rx,
-        wait_for(stop_rx),
+        wait_for(stop_rx.clone()),
     ));
     let mut shutdown = std::pin::pin!(shutdown_signal());
 
@@ -85,6 +87,11 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
     let directory = BindingDirectory::default();
     let actors = start_actors(args, &client, &directory)?;
     let watch_config = watch_config(args);
+    let metrics = tokio::spawn(metrics::serve(
+        listen(args.metrics_addr, "metrics (--metrics-addr)").await?,
+        actors.clone(),
+        wait_for(stop_rx),
+    ));
 
     let watches = tokio::spawn(watch::run(
         client,
@@ -113,10 +120,12 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
     watches.abort();
     let _ = stop_tx.send(true);
     actors.shutdown().await;
-    match health.await {
-        Ok(Err(error)) => warn!(%error, "health endpoint failed"),
-        Err(error) if !error.is_cancelled() => warn!(%error, "health endpoint task failed"),
-        _ => {}
+    for (endpoint, task) in [("health", health), ("metrics", metrics)] {
+        match task.await {
+            Ok(Err(error)) => warn!(endpoint, %error, "endpoint failed"),
+            Err(error) if !error.is_cancelled() => warn!(endpoint, %error, "endpoint task failed"),
+            _ => {}
+        }
     }
     if let Some(lease) = leadership {
         lease.release().await;
@@ -179,6 +188,13 @@ fn watch_config(args: &ControllerArgs) -> WatchConfig {
         },
         page_size: LIST_PAGE_SIZE,
     }
+}
+
+/// Binds a listening socket, with an error that names the flag to change.
+async fn listen(addr: SocketAddr, purpose: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("failed to listen on {addr} for {purpose}; choose another address")
+    })
 }
 
 /// Delivers watch events to the actor system.

@@ -1,21 +1,20 @@
 //! Liveness and readiness endpoints for the kubelet's probes.
 
-use std::net::SocketAddr;
-
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
 /// Serves `/healthz` (the process is up) and `/readyz` (the initial AcrPullBinding list is
-/// done) on `addr` until `shutdown` resolves.
+/// done) on `listener` until `shutdown` resolves.
 ///
 /// # Errors
-/// Returns an error when the address cannot be bound.
+/// Returns an error when accepting connections fails.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     ready: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -24,8 +23,7 @@ pub async fn serve(
         .route("/readyz", get(readiness))
         .with_state(ready);
 
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(%addr, "serving health probes");
+    info!(addr = %listener.local_addr()?, "serving health probes");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -8,3 +8,4 @@ pub mod controller;
 pub mod crd;
 pub mod health;
 pub mod leader;
+pub mod metrics;

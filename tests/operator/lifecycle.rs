@@ -387,3 +387,45 @@ async fn wait_secret_gone(harness: &Harness, name: &str) {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_bindings_and_azure_calls() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let args = vec!["--metrics-addr".to_owned(), format!("127.0.0.1:{port}")];
+    let harness = Harness::start_with(
+        "metrics",
+        acrpull_testkit::fake_azure::FakeAzureConfig::allow_all(),
+        args,
+    )
+    .await;
+    harness.create_binding("app", spec()).await;
+    harness.wait_for_ready("app").await;
+
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let body = harness
+        .poll("metrics to be served", CONVERGE, || {
+            let url = url.clone();
+            async move {
+                let response = reqwest::get(&url).await?;
+                Ok(response
+                    .status()
+                    .is_success()
+                    .then_some(response.text().await?))
+            }
+        })
+        .await;
+    for line in [
+        "acrpull_bindings 1",
+        "acrpull_azure_token_calls_total 1",
+        "acrpull_writes_failed_total 0",
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "{line:?} missing from:\n{body}"
+        );
+    }
+}

@@ -107,9 +107,10 @@ impl Harness {
             format!("{TEST_LABEL}={}", self.ns()),
             "--health-probe-addr".to_owned(),
             "127.0.0.1:0".to_owned(),
-            "--metrics-addr".to_owned(),
-            "127.0.0.1:0".to_owned(),
         ]);
+        if !self.extra_args.iter().any(|arg| arg == "--metrics-addr") {
+            args.extend(["--metrics-addr".to_owned(), "127.0.0.1:0".to_owned()]);
+        }
         args.extend(self.extra_args.iter().cloned());
         let log = std::env::temp_dir().join(format!("acrpull-{}-{}.log", self.ns(), rand_suffix()));
         Operator::spawn(self.control_plane.kubeconfig_path().to_owned(), &args, log)
