@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use acrpull_actors::ActorSystem;
 use acrpull_actors::actor::system::SystemStats;
 
-/// Content type of the OpenMetrics text format.
+/// Content type of the `OpenMetrics` text format.
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Reads [`SystemStats`] at each scrape, so nothing is counted twice.
