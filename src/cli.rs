@@ -29,8 +29,6 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the controller (the default).
-    Run,
     /// Print the `CustomResourceDefinitions` as YAML, as committed in deploy/latest/crd.yaml.
     Crd,
 }
@@ -148,13 +146,17 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses a duration such as `30m`, `90s` or `1h30m`.
+/// Parses a positive duration such as `30m`, `90s` or `1h30m`.
 fn parse_duration(value: &str) -> Result<Duration, String> {
     let parsed: jiff::SignedDuration = value.parse().map_err(|error| {
         format!("invalid duration {value:?} ({error}); use a value such as 30s, 15m or 1h")
     })?;
-    Duration::try_from(parsed)
-        .map_err(|_| format!("invalid duration {value:?}: it must not be negative"))
+    match Duration::try_from(parsed) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        _ => Err(format!(
+            "invalid duration {value:?}: it must be greater than zero"
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -185,6 +187,7 @@ mod tests {
         assert_eq!(parse_duration("30m"), Ok(Duration::from_mins(30)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_mins(90)));
         assert!(parse_duration("-5m").is_err());
+        assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
     }
 

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Command::Run) | None => match acrpull::controller::run(&cli.controller) {
+        None => match acrpull::controller::run(&cli.controller) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("error: {error:#}");

@@ -287,10 +287,14 @@ impl<'a> Plan<'a> {
                 }
             }
 
-            if matches!(
-                state.target_state,
-                ReferenceState::Unknown | ReferenceState::NotReferenced
-            ) {
+            // The reference waits until the Secret is ours and current, so that a ServiceAccount
+            // never lists a Secret the controller could not write.
+            if state.secret == SecretState::Current
+                && matches!(
+                    state.target_state,
+                    ReferenceState::Unknown | ReferenceState::NotReferenced
+                )
+            {
                 self.send(ClusterWrite::AddPullSecretReference {
                     service_account: desired.service_account.clone(),
                     secret_name: desired.secret_name.clone(),
@@ -658,18 +662,14 @@ mod tests {
     fn token_transitions() {
         run(&[
             Case {
-                name: "token issued: write secret and reference, arm refresh",
+                name: "token issued: write the secret, arm refresh",
                 setup: requested,
                 secs: 0,
                 event: |harness| BindingEvent::TokenIssued {
                     inputs_hash: in_flight_hash(harness),
                     token: token("t1", 0),
                 },
-                expected: &[
-                    "ApplySecret(t1)",
-                    "AddReference(default)",
-                    "Timer(Refresh @2700)",
-                ],
+                expected: &["ApplySecret(t1)", "Timer(Refresh @2700)"],
             },
             Case {
                 name: "token issued before the finalizer: hold the writes",
@@ -791,11 +791,7 @@ mod tests {
                     inputs_hash: in_flight_hash(harness),
                     token: token("t2", 1),
                 },
-                expected: &[
-                    "ApplySecret(t2)",
-                    "AddReference(default)",
-                    "Timer(Refresh @2701)",
-                ],
+                expected: &["ApplySecret(t2)", "Timer(Refresh @2701)"],
             },
             Case {
                 name: "stale answer after a spec change requests the new inputs",
@@ -834,7 +830,7 @@ mod tests {
     fn write_result_transitions() {
         run(&[
             Case {
-                name: "secret stored, reference pending: nothing to report yet",
+                name: "secret stored: add the reference",
                 setup: |harness| {
                     requested(harness);
                     harness.issue(0, "t1");
@@ -843,7 +839,7 @@ mod tests {
                 event: |harness| {
                     BindingEvent::WriteDone(ClusterWrite::ApplySecret(harness.last_secret()))
                 },
-                expected: &[],
+                expected: &["AddReference(default)"],
             },
             Case {
                 name: "secret and reference done: ready with event",
@@ -879,7 +875,7 @@ mod tests {
                 },
                 secs: 0,
                 event: |_| BindingEvent::WriteDone(ClusterWrite::AddFinalizer),
-                expected: &["ApplySecret(t1)", "AddReference(default)"],
+                expected: &["ApplySecret(t1)"],
             },
             Case {
                 name: "reference to a missing service account",

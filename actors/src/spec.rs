@@ -47,7 +47,7 @@ pub struct RegistryPolicy {
 pub enum InvalidSpec {
     /// No registry in the spec and no controller default.
     #[error(
-        "spec.acrServer is missing and the controller has no ACR_SERVER default: set spec.acrServer to the registry host name, for example myregistry.azurecr.io"
+        "spec.acrServer is missing and the controller has no default registry (--default-acr-server or ACR_SERVER): set spec.acrServer to the registry host name, for example myregistry.azurecr.io"
     )]
     MissingServer,
     /// The registry is not a valid DNS host name.
@@ -70,7 +70,7 @@ pub enum InvalidSpec {
     },
     /// No identity in the spec and no controller default.
     #[error(
-        "no managed identity: set spec.managedIdentityClientID or spec.managedIdentityResourceID, or give the controller a MANAGED_IDENTITY_CLIENT_ID or MANAGED_IDENTITY_RESOURCE_ID default"
+        "no managed identity: set spec.managedIdentityClientID or spec.managedIdentityResourceID, or give the controller a default identity (--default-managed-identity-client-id or MANAGED_IDENTITY_CLIENT_ID, --default-managed-identity-resource-id or MANAGED_IDENTITY_RESOURCE_ID)"
     )]
     MissingIdentity,
     /// Both identity fields are set in the spec.

@@ -98,8 +98,7 @@ fn valid_spec_condition(
         };
         let error = format!(
             "token refresh for binding {binding} failed: registry {server} with identity {identity}: \
-             {cause}.{kept} Check that the identity exists, is assigned to the node, and may pull \
-             from the registry; the controller retries with backoff.",
+             {cause}.{kept} The controller retries with backoff.",
             binding = state.key,
             server = desired.acr_server,
             identity = desired.identity,

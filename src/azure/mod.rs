@@ -104,8 +104,9 @@ impl AzureTokenSource {
         let scope = format!("{}.default", self.inner.endpoints.arm_resource);
         let entra = credential.get_token(&[&scope], None).await.map_err(|error| TokenError {
             message: format!(
-                "failed to get an Azure token for managed identity {} from the instance metadata service: {error}; check that the identity is assigned to the node pool",
-                request.identity
+                "failed to get an Azure token for managed identity {} from the instance metadata service: {}; check that the identity is assigned to the node pool",
+                request.identity,
+                one_line(&error.to_string()),
             ),
             retryable: true,
             retry_after: None,
@@ -151,6 +152,11 @@ impl AzureTokenSource {
             expires_at,
         })
     }
+}
+
+/// Joins the lines of an error message, so that it fits a status field and a log line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl TokenSource for AzureTokenSource {

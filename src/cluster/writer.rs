@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{LocalObjectReference, ObjectReference, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource};
 use serde_json::json;
@@ -131,16 +131,27 @@ impl KubeWriter {
         key: &BindingKey,
         content: &SecretContent,
     ) -> Result<(), kube::Error> {
+        let uid = self.owner_uid(key)?;
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
+
+        // A Secret of the same name that this binding does not control belongs to someone
+        // else: it is never overwritten. The watch cannot report it, because it selects only
+        // labelled Secrets.
+        if let Some(existing) = api.get_opt(&content.name).await?
+            && !controlled_by(&existing, &uid)
+        {
+            return Err(not_owned(&content.name, key));
+        }
+
         let owner = OwnerReference {
             api_version: AcrPullBinding::api_version(&()).into_owned(),
             kind: AcrPullBinding::kind(&()).into_owned(),
             name: key.name.clone(),
-            uid: self.owner_uid(key)?,
+            uid,
             controller: Some(true),
             block_owner_deletion: Some(true),
         };
         let rendered = secret::render(&key.namespace, &key.name, owner, content);
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
         api.patch(
             &content.name,
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -152,7 +163,30 @@ impl KubeWriter {
 
     async fn delete_secret(&self, key: &BindingKey, name: &str) -> Result<(), kube::Error> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
-        match api.delete(name, &DeleteParams::default()).await {
+        let Some(existing) = api.get_opt(name).await? else {
+            return Ok(());
+        };
+        let owned = self
+            .directory
+            .get(key)
+            .is_some_and(|uid| controlled_by(&existing, &uid));
+        if !owned {
+            debug!(
+                secret = name,
+                "Secret is not controlled by this binding; leaving it in place"
+            );
+            return Ok(());
+        }
+
+        // The UID precondition makes sure a Secret recreated meanwhile by someone else stays.
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: existing.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(name, &params).await {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             other => other.map(drop),
         }
@@ -284,6 +318,30 @@ impl ClusterWriter for KubeWriter {
     }
 }
 
+/// Returns whether `secret` has a controller ownerReference to the binding with `uid`.
+fn controlled_by(secret: &Secret, uid: &str) -> bool {
+    secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.controller == Some(true) && owner.uid == uid)
+}
+
+/// The 409 returned when the Secret's name is taken by an object the binding does not control.
+fn not_owned(secret: &str, key: &BindingKey) -> kube::Error {
+    let message = format!(
+        "Secret {secret} already exists and is not managed by AcrPullBinding {}; delete or rename \
+         that Secret, or give the binding another name",
+        key.name
+    );
+    kube::Error::Api(
+        kube::core::Status::failure(&message, "AlreadyExists")
+            .with_code(409)
+            .boxed(),
+    )
+}
+
 fn write_name(write: &ClusterWrite) -> &'static str {
     match write {
         ClusterWrite::AddFinalizer => "add-finalizer",
@@ -316,6 +374,7 @@ fn classify(key: &BindingKey, write: &ClusterWrite, error: &kube::Error) -> Writ
 
     let kind = match error {
         kube::Error::Api(status) => match status.code {
+            409 if status.reason == "AlreadyExists" => WriteErrorKind::Rejected,
             409 => WriteErrorKind::Conflict,
             404 => WriteErrorKind::NotFound,
             429 | 500..=599 => WriteErrorKind::Throttled(
@@ -332,16 +391,18 @@ fn classify(key: &BindingKey, write: &ClusterWrite, error: &kube::Error) -> Writ
         _ => WriteErrorKind::Throttled(None),
     };
 
-    let hint = match kind {
-        WriteErrorKind::NotFound => "; it will be retried when the object appears",
-        WriteErrorKind::Rejected => {
-            "; check the controller's RBAC and that no other tool owns the object"
-        }
+    let hint = match error {
+        kube::Error::Api(status) if status.code == 403 => "; check the controller's RBAC",
+        _ if kind == WriteErrorKind::NotFound => "; it is retried when the object appears",
         _ => "",
+    };
+    let cause = match error {
+        kube::Error::Api(status) => format!("{} (HTTP {})", status.message, status.code),
+        other => other.to_string(),
     };
     WriteError {
         message: format!(
-            "failed to {action} on {target} in namespace {}: {error}{hint}",
+            "failed to {action} on {target} in namespace {}: {cause}{hint}",
             key.namespace
         ),
         kind,

@@ -284,3 +284,50 @@ async fn restart_makes_no_calls_or_writes() {
         harness.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_secret_is_never_touched() {
+    let harness = Harness::start("foreign").await;
+    let mut foreign = k8s_openapi::api::core::v1::Secret::default();
+    foreign.metadata.name = Some("app-msi-acrpull-secret".to_owned());
+    foreign.string_data = Some(std::collections::BTreeMap::from([(
+        "password".to_owned(),
+        "precious".to_owned(),
+    )]));
+    let created = harness
+        .secrets()
+        .create(&kube::api::PostParams::default(), &foreign)
+        .await
+        .unwrap();
+
+    harness.create_binding("app", spec()).await;
+    let binding = harness.wait_for_error("app", "not managed by").await;
+    assert!(!is_ready(&binding));
+
+    // Not rewritten, not listed on the ServiceAccount, and still there after the binding goes.
+    let unchanged = harness
+        .secrets()
+        .get("app-msi-acrpull-secret")
+        .await
+        .unwrap();
+    assert_eq!(
+        unchanged.metadata.resource_version,
+        created.metadata.resource_version
+    );
+    let account = harness.service_accounts().get("default").await.unwrap();
+    assert!(!references(&account, "app-msi-acrpull-secret"));
+
+    harness.delete_binding("app").await;
+    harness
+        .poll("binding app to be deleted", CONVERGE, || {
+            let bindings = harness.bindings();
+            async move { Ok(bindings.get_opt("app").await?.is_none().then_some(())) }
+        })
+        .await;
+    let survivor = harness
+        .secrets()
+        .get("app-msi-acrpull-secret")
+        .await
+        .unwrap();
+    assert_eq!(survivor.metadata.uid, created.metadata.uid);
+}

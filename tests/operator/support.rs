@@ -267,7 +267,14 @@ impl Harness {
     {
         match poll_until(what, timeout, probe).await {
             Ok(value) => value,
-            Err(error) => panic!("{error:#}\n--- operator log ---\n{}", self.logs()),
+            Err(error) => panic!(
+                "{error:#}\n--- operator log ({}) ---\n{}",
+                self.operator
+                    .as_ref()
+                    .map(|operator| operator.log.display().to_string())
+                    .unwrap_or_default(),
+                self.logs()
+            ),
         }
     }
 }
@@ -452,5 +459,9 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test keeps the log for inspection; its path is in the failure message.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
