@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use kube::Client;
+use kube::api::ListParams;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::{Api, Client};
 use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
 use tracing::{info, warn};
@@ -20,6 +21,7 @@ use crate::azure::endpoints::AzureEndpoints;
 use crate::cli::{ControllerArgs, LogFormat};
 use crate::cluster::watch::{self, EventSink, WatchConfig};
 use crate::cluster::writer::{BindingDirectory, KubeWriter};
+use crate::crd::v1beta1::AcrPullBinding;
 use crate::leader::{self, Leadership};
 use crate::{health, metrics};
 
@@ -53,6 +55,7 @@ async fn run_async(args: &ControllerArgs) -> anyhow::Result<()> {
     let client = Client::try_default().await.context(
         "failed to create the Kubernetes client; check KUBECONFIG or the in-cluster ServiceAccount",
     )?;
+    check_api(&client, args.label_selector.as_deref()).await?;
 
     let (ready_tx, ready_rx) = signal::channel(false);
     let (stop_tx, stop_rx) = signal::channel(false);
@@ -187,6 +190,36 @@ fn watch_config(args: &ControllerArgs) -> WatchConfig {
                 .collect(),
         },
         page_size: LIST_PAGE_SIZE,
+    }
+}
+
+/// Lists one AcrPullBinding, so that a missing CRD, an invalid label selector or missing RBAC
+/// stops start-up with the fix instead of a watch that retries forever.
+async fn check_api(client: &Client, selector: Option<&str>) -> anyhow::Result<()> {
+    let api: Api<AcrPullBinding> = Api::all(client.clone());
+    let mut params = ListParams::default().limit(1);
+    if let Some(selector) = selector {
+        params = params.labels(selector);
+    }
+
+    match api.list_metadata(&params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(anyhow::anyhow!(
+            "the AcrPullBinding CRD (acrpullbindings.msi-acrpull.microsoft.com) is not installed; \
+             apply deploy/latest/crd.yaml or the output of `acrpull crd`"
+        )),
+        Err(kube::Error::Api(status)) if status.code == 400 => Err(anyhow::anyhow!(
+            "invalid --label-selector {:?}: {}",
+            selector.unwrap_or_default(),
+            status.message
+        )),
+        Err(kube::Error::Api(status)) if status.code == 403 => Err(anyhow::anyhow!(
+            "the controller may not list AcrPullBindings ({}); apply the RBAC rules in deploy/latest/deploy.yaml",
+            status.message
+        )),
+        Err(error) => Err(error).context(
+            "failed to list AcrPullBindings at start-up; check that the API server is reachable",
+        ),
     }
 }
 

@@ -285,6 +285,9 @@ impl KubeWriter {
     }
 
     async fn publish(&self, key: &BindingKey, notice: &Notice) -> Result<(), kube::Error> {
+        // NOTE: kube-runtime names an Event `<object name>.<suffix>`, which exceeds the
+        // 253-character limit for binding names longer than about 235 characters, so Events of
+        // such bindings are rejected; their status still reports everything.
         let reference = ObjectReference {
             api_version: Some(AcrPullBinding::api_version(&()).into_owned()),
             kind: Some(AcrPullBinding::kind(&()).into_owned()),

@@ -102,8 +102,8 @@ pub struct AcrPullBindingStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 
-    /// Conditions of the binding. `Ready` is True when the Secret holds a valid token and the
-    /// ServiceAccount references it.
+    /// Conditions of the binding. `Ready` is True when the last token refresh succeeded, the
+    /// Secret contains that token, and the ServiceAccount references the Secret.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

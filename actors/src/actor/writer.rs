@@ -40,7 +40,8 @@ pub struct WriterConfig {
     pub burst: u32,
     /// Writes in flight at the same time. Default 16.
     pub max_in_flight: usize,
-    /// Immediate retries after a 409 Conflict, before the write is reported failed. Default 3.
+    /// Immediate retries after a 409 Conflict, before the write is reported failed. Default 10,
+    /// because each retry re-reads the object and bindings sharing a ServiceAccount race on it.
     pub conflict_retries: u32,
     /// Attempts in total for a throttled or timed-out write (429, 5xx), including the first.
     /// Default 5.
@@ -60,7 +61,7 @@ impl Default for WriterConfig {
             qps: 50,
             burst: 100,
             max_in_flight: 16,
-            conflict_retries: 3,
+            conflict_retries: 10,
             max_attempts: 5,
             backoff: BackoffPolicy {
                 base: Duration::from_millis(500),
