@@ -262,7 +262,11 @@ pub fn install_crypto_provider() {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // azure_core logs each failed attempt with the metadata-service URL as azure_identity built
+    // it (169.254.169.254), before the transport redirects it, so its lines would mislead
+    // whenever --imds-endpoint is set. The controller logs every final failure itself.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,azure_core=error,azure_identity=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

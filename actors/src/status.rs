@@ -89,11 +89,23 @@ fn valid_spec_condition(
 
     if let Some(token_error) = &state.token_error {
         let kept = match &state.token {
-            Some(held) => format!(
-                " Secret {} keeps its previous token, which expires at {}.",
-                desired.secret_name,
-                whole_seconds(held.token.expires_at)
-            ),
+            Some(held) => {
+                let origin = if held.inputs_hash == desired.inputs_hash() {
+                    ""
+                } else {
+                    ", issued for the previous spec,"
+                };
+                let tense = if held.token.expires_at <= now {
+                    "expired"
+                } else {
+                    "expires"
+                };
+                format!(
+                    " Secret {} keeps its previous token{origin} which {tense} at {}.",
+                    desired.secret_name,
+                    whole_seconds(held.token.expires_at)
+                )
+            }
             None => String::new(),
         };
         let error = format!(
