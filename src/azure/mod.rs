@@ -40,6 +40,31 @@ struct Inner {
     transport: Arc<RedirectingTransport>,
     /// One credential per identity, so that the token cache of `azure_identity` is reused.
     credentials: DashMap<Identity, Arc<ManagedIdentityCredential>>,
+    /// Registry refresh tokens per identity and registry, so that bindings that differ only
+    /// in scope share one `/oauth2/exchange`. Entries are used only in the first half of
+    /// their lifetime.
+    refresh_tokens: DashMap<(Identity, String), CachedRefreshToken>,
+    /// One lock per identity and registry, held during an exchange so that concurrent scoped
+    /// requests wait for it instead of exchanging again.
+    exchange_locks: DashMap<(Identity, String), Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// A registry refresh token and its validity window.
+struct CachedRefreshToken {
+    /// The token; never logged.
+    token: RegistryToken,
+    /// When the token was issued.
+    issued_at: Timestamp,
+    /// When the token stops working.
+    expires_at: Timestamp,
+}
+
+impl CachedRefreshToken {
+    /// Returns whether the token is still in the first half of its lifetime at `now`.
+    fn reusable(&self, now: Timestamp) -> bool {
+        let lifetime = self.expires_at.duration_since(self.issued_at);
+        now < self.issued_at + lifetime / 2
+    }
 }
 
 impl AzureTokenSource {
@@ -61,6 +86,8 @@ impl AzureTokenSource {
                 registry,
                 transport,
                 credentials: DashMap::new(),
+                refresh_tokens: DashMap::new(),
+                exchange_locks: DashMap::new(),
             }),
         })
     }
@@ -100,6 +127,94 @@ impl AzureTokenSource {
 
     #[instrument(skip_all, fields(server = %request.acr_server, identity = %request.identity))]
     async fn issue_token(self, request: TokenRequest) -> Result<IssuedToken, TokenError> {
+        let token = match &request.scope {
+            Some(scope) => self.scoped_token(&request, scope).await?,
+            None => self.refresh_token(&request).await?.expose().to_owned(),
+        };
+
+        let (issued_at, expires_at) =
+            jwt::validity(&token, Timestamp::now()).map_err(|error| TokenError {
+                message: format!(
+                    "the registry {} returned a token whose expiry cannot be read: {error}",
+                    request.acr_server
+                ),
+                retryable: true,
+                retry_after: None,
+            })?;
+        Ok(IssuedToken {
+            token: RegistryToken::new(token),
+            issued_at,
+            expires_at,
+        })
+    }
+
+    /// Returns an access token for `scope`, reusing the cached refresh token of the same
+    /// identity and registry when it is still in the first half of its lifetime.
+    async fn scoped_token(
+        &self,
+        request: &TokenRequest,
+        scope: &str,
+    ) -> Result<String, TokenError> {
+        let (refresh_token, cached) = self.shared_refresh_token(request).await?;
+        let scoped = acr::scoped_access_token(
+            &self.inner.registry,
+            &request.acr_server,
+            refresh_token.expose(),
+            scope,
+        )
+        .await;
+
+        match scoped {
+            // Rejected with a cached refresh token: it may be revoked, so try once with a new one.
+            Err(error) if cached && !error.retryable => {
+                self.inner
+                    .refresh_tokens
+                    .remove(&(request.identity.clone(), request.acr_server.clone()));
+                let (refresh_token, _) = self.shared_refresh_token(request).await?;
+                acr::scoped_access_token(
+                    &self.inner.registry,
+                    &request.acr_server,
+                    refresh_token.expose(),
+                    scope,
+                )
+                .await
+            }
+            other => other,
+        }
+    }
+
+    /// Returns the cached refresh token of the request's identity and registry, or exchanges a
+    /// new one. Concurrent requests for the same pair wait for one exchange. The flag says
+    /// whether the token came from the cache.
+    async fn shared_refresh_token(
+        &self,
+        request: &TokenRequest,
+    ) -> Result<(RegistryToken, bool), TokenError> {
+        let key = (request.identity.clone(), request.acr_server.clone());
+        let lock = self
+            .inner
+            .exchange_locks
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _exchange = lock.lock().await;
+
+        let cached = self
+            .inner
+            .refresh_tokens
+            .get(&key)
+            .filter(|cached| cached.reusable(Timestamp::now()))
+            .map(|cached| cached.token.clone());
+        if let Some(token) = cached {
+            debug!("reusing the registry refresh token for another scope");
+            return Ok((token, true));
+        }
+        Ok((self.refresh_token(request).await?, false))
+    }
+
+    /// Gets an Azure token from the metadata service and exchanges it for a registry refresh
+    /// token, which is cached for requests with other scopes.
+    async fn refresh_token(&self, request: &TokenRequest) -> Result<RegistryToken, TokenError> {
         let credential = self.credential(&request.identity)?;
         let scope = format!("{}.default", self.inner.endpoints.arm_resource);
         let entra = credential.get_token(&[&scope], None).await.map_err(|error| TokenError {
@@ -124,33 +239,20 @@ impl AzureTokenSource {
             tenant.as_deref(),
         )
         .await?;
-        let token = match &request.scope {
-            Some(scope) => {
-                acr::scoped_access_token(
-                    &self.inner.registry,
-                    &request.acr_server,
-                    &refresh_token,
-                    scope,
-                )
-                .await?
-            }
-            None => refresh_token,
-        };
+        let refresh_token = RegistryToken::new(refresh_token);
 
-        let (issued_at, expires_at) =
-            jwt::validity(&token, Timestamp::now()).map_err(|error| TokenError {
-                message: format!(
-                    "the registry {} returned a token whose expiry cannot be read: {error}",
-                    request.acr_server
-                ),
-                retryable: true,
-                retry_after: None,
-            })?;
-        Ok(IssuedToken {
-            token: RegistryToken::new(token),
-            issued_at,
-            expires_at,
-        })
+        let now = Timestamp::now();
+        if let Ok((issued_at, expires_at)) = jwt::validity(refresh_token.expose(), now) {
+            self.inner.refresh_tokens.insert(
+                (request.identity.clone(), request.acr_server.clone()),
+                CachedRefreshToken {
+                    token: refresh_token.clone(),
+                    issued_at,
+                    expires_at,
+                },
+            );
+        }
+        Ok(refresh_token)
     }
 }
 

@@ -152,8 +152,9 @@ async fn spec_change_mints_new_token() {
             }
         })
         .await;
-    assert!(harness.azure.calls(Endpoint::AcrExchange) > exchanges);
-    assert!(harness.azure.calls(Endpoint::AcrToken) >= 1);
+    // The refresh token from the first exchange is reused for the scope.
+    assert_eq!(harness.azure.calls(Endpoint::AcrExchange), exchanges);
+    assert_eq!(harness.azure.calls(Endpoint::AcrToken), 1);
     assert_ne!(
         secret_password(&changed, REGISTRY),
         secret_password(&secret, REGISTRY)
@@ -428,4 +429,30 @@ async fn metrics_count_bindings_and_azure_calls() {
             "{line:?} missing from:\n{body}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scopes_share_one_exchange() {
+    let harness = Harness::start("scopes").await;
+    for app in ["one", "two", "three"] {
+        let mut scoped = spec();
+        scoped.scope = Some(format!("repository:{app}:pull"));
+        harness.create_binding(app, scoped).await;
+    }
+    for app in ["one", "two", "three"] {
+        harness.wait_for_ready(app).await;
+    }
+
+    assert_eq!(
+        harness.azure.calls(Endpoint::AcrExchange),
+        1,
+        "{}",
+        harness.logs()
+    );
+    assert_eq!(
+        harness.azure.calls(Endpoint::AcrToken),
+        3,
+        "{}",
+        harness.logs()
+    );
 }
