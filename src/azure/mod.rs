@@ -184,8 +184,8 @@ impl AzureTokenSource {
     }
 
     /// Returns the cached refresh token of the request's identity and registry, or exchanges a
-    /// new one. Concurrent requests for the same pair wait for one exchange. The flag says
-    /// whether the token came from the cache.
+    /// new one. Concurrent requests for the same pair wait for one exchange. The flag is true
+    /// when the token came from the cache.
     async fn shared_refresh_token(
         &self,
         request: &TokenRequest,
