@@ -217,15 +217,23 @@ impl AzureTokenSource {
     async fn refresh_token(&self, request: &TokenRequest) -> Result<RegistryToken, TokenError> {
         let credential = self.credential(&request.identity)?;
         let scope = format!("{}.default", self.inner.endpoints.arm_resource);
-        let entra = credential.get_token(&[&scope], None).await.map_err(|error| TokenError {
-            message: format!(
-                "failed to get an Azure token for managed identity {} from the instance metadata service: {}; check that the identity is assigned to the node pool",
-                request.identity,
-                one_line(&error.to_string()),
-            ),
-            retryable: true,
-            retry_after: None,
-        })?;
+        // azure_identity retries the metadata service on its own for up to about 72 s; the
+        // timeout makes a failure visible in status after --azure-request-timeout instead.
+        let timeout = self.inner.endpoints.request_timeout;
+        let entra = match tokio::time::timeout(timeout, credential.get_token(&[&scope], None)).await
+        {
+            Ok(Ok(entra)) => entra,
+            Ok(Err(error)) => return Err(imds_error(&request.identity, &error.to_string())),
+            Err(_) => {
+                return Err(imds_error(
+                    &request.identity,
+                    &format!(
+                        "timed out after {} s (--azure-request-timeout)",
+                        timeout.as_secs()
+                    ),
+                ));
+            }
+        };
         let entra_token = entra.token.secret();
         let tenant = jwt::read_claims(entra_token)
             .ok()
@@ -253,6 +261,25 @@ impl AzureTokenSource {
             );
         }
         Ok(refresh_token)
+    }
+}
+
+/// Builds the error for a failed metadata-service request. The advice about node pool
+/// assignment is added only when the service reported the identity as unknown.
+fn imds_error(identity: &Identity, cause: &str) -> TokenError {
+    let cause = one_line(cause);
+    let unknown = cause.contains("400") || cause.to_ascii_lowercase().contains("not found");
+    let advice = if unknown {
+        "; check that the identity is assigned to the node pool"
+    } else {
+        ""
+    };
+    TokenError {
+        message: format!(
+            "failed to get an Azure token for managed identity {identity} from the instance metadata service: {cause}{advice}"
+        ),
+        retryable: true,
+        retry_after: None,
     }
 }
 

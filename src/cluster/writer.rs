@@ -73,7 +73,7 @@ impl KubeWriter {
             ClusterWrite::UpdateStatus(status) => self.update_status(&key, status).await,
             ClusterWrite::PublishEvent(notice) => self.publish(&key, notice).await,
         };
-        result.map_err(|error| classify(&key, &write, &error))
+        result.map_err(|error| classify(&error))
     }
 
     fn owner_uid(&self, key: &BindingKey) -> Result<String, kube::Error> {
@@ -359,22 +359,7 @@ fn write_name(write: &ClusterWrite) -> &'static str {
 }
 
 /// Turns an API error into the class the writer actor retries on.
-fn classify(key: &BindingKey, write: &ClusterWrite, error: &kube::Error) -> WriteError {
-    let target = match write {
-        ClusterWrite::ApplySecret(content) => format!("Secret {}", content.name),
-        ClusterWrite::DeleteSecret { name } => format!("Secret {name}"),
-        ClusterWrite::AddPullSecretReference {
-            service_account, ..
-        }
-        | ClusterWrite::RemovePullSecretReference {
-            service_account, ..
-        } => {
-            format!("ServiceAccount {service_account}")
-        }
-        _ => format!("AcrPullBinding {}", key.name),
-    };
-    let action = write_name(write);
-
+fn classify(error: &kube::Error) -> WriteError {
     let kind = match error {
         kube::Error::Api(status) => match status.code {
             409 if status.reason == "AlreadyExists" => WriteErrorKind::Rejected,
@@ -395,6 +380,11 @@ fn classify(key: &BindingKey, write: &ClusterWrite, error: &kube::Error) -> Writ
     };
 
     let hint = match error {
+        kube::Error::Api(status)
+            if status.code == 403 && status.message.contains("being terminated") =>
+        {
+            "; the namespace is being deleted"
+        }
         kube::Error::Api(status) if status.code == 403 => "; check the controller's RBAC",
         _ if kind == WriteErrorKind::NotFound => "; it is retried when the object appears",
         _ => "",
@@ -404,10 +394,8 @@ fn classify(key: &BindingKey, write: &ClusterWrite, error: &kube::Error) -> Writ
         other => other.to_string(),
     };
     WriteError {
-        message: format!(
-            "failed to {action} on {target} in namespace {}: {cause}{hint}",
-            key.namespace
-        ),
+        // The binding's status names the object and the binding around this message.
+        message: format!("{cause}{hint}"),
         kind,
     }
 }

@@ -331,3 +331,29 @@ async fn foreign_secret_is_never_touched() {
         .unwrap();
     assert_eq!(survivor.metadata.uid, created.metadata.uid);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outage_shares_retries_between_bindings() {
+    let harness = Harness::start("outage").await;
+    harness
+        .azure
+        .inject_failure(Endpoint::AcrExchange, Failure::status(503, 100_000))
+        .unwrap();
+    let names: Vec<String> = (0..20).map(|index| format!("app-{index}")).collect();
+    for name in &names {
+        harness.create_binding(name, spec()).await;
+    }
+    for name in &names {
+        harness.wait_for_error(name, "503").await;
+    }
+
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    // Twenty bindings share one request, so they share its backoff too: about as many calls
+    // as one binding would make, never one per binding per retry.
+    let calls = harness.azure.calls(Endpoint::AcrExchange);
+    assert!(
+        calls <= 12,
+        "{calls} exchange calls for 20 bindings in about 25 s\n{}",
+        harness.logs()
+    );
+}

@@ -11,12 +11,21 @@ use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, Recipi
 use tracing::{debug, warn};
 
 use crate::actor::Deliver;
-use crate::clock::Clock;
+use crate::backoff::BackoffPolicy;
+use crate::clock::{Clock, earlier, later};
 use crate::config::ConfigError;
 use crate::event::BindingEvent;
 use crate::model::{BindingKey, InputsHash, IssuedToken, TokenError, TokenRequest};
 use crate::ports::TokenSource;
 use crate::refresh::RefreshPolicy;
+
+/// Window during which a failed request's error is shared instead of calling again: the
+/// lower bound of the bindings' own backoff (0.5 s, then doubling, at most 2.5 min).
+const FAILURE_BACKOFF: BackoffPolicy = BackoffPolicy {
+    base: Duration::from_secs(1),
+    factor: 2.0,
+    max: Duration::from_mins(5),
+};
 
 /// Limits of the token broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +111,16 @@ pub struct IssueToken {
 #[rtype(result = "()")]
 pub struct StopBroker;
 
+/// A failed call whose result is shared until `until`.
+struct RecentFailure {
+    /// The error every request gets until `until`.
+    error: TokenError,
+    /// Consecutive failures of this request; each one doubles the window.
+    count: u32,
+    /// End of the window.
+    until: jiff::Timestamp,
+}
+
 struct Waiter {
     key: BindingKey,
     inputs_hash: InputsHash,
@@ -119,6 +138,10 @@ pub struct TokenBroker {
     config: BrokerConfig,
     reply: Recipient<Deliver>,
     cache: HashMap<TokenRequest, IssuedToken>,
+    /// The last failure per request and until when it is returned without a new call, so
+    /// that during an outage bindings sharing a request make one call per backoff window
+    /// instead of one each.
+    failures: HashMap<TokenRequest, RecentFailure>,
     waiters: HashMap<TokenRequest, Vec<Waiter>>,
     queue: VecDeque<TokenRequest>,
     running: usize,
@@ -143,6 +166,7 @@ impl TokenBroker {
             config,
             reply,
             cache: HashMap::new(),
+            failures: HashMap::new(),
             waiters: HashMap::new(),
             queue: VecDeque::new(),
             running: 0,
@@ -184,9 +208,25 @@ impl TokenBroker {
                 if self.refresh.is_fresh(token, self.clock.now()) {
                     self.cache.insert(request.clone(), token.clone());
                 }
+                self.failures.remove(request);
             }
             Err(error) => {
                 self.stats.source_failures.fetch_add(1, Ordering::Relaxed);
+                let count = self
+                    .failures
+                    .get(request)
+                    .map_or(0, |failure| failure.count)
+                    + 1;
+                // The lower bound of the jittered backoff: no binding retries sooner.
+                let window = FAILURE_BACKOFF.delay(count, 0.0, error.retry_after);
+                self.failures.insert(
+                    request.clone(),
+                    RecentFailure {
+                        error: error.clone(),
+                        count,
+                        until: later(self.clock.now(), window),
+                    },
+                );
                 warn!(
                     registry = %request.acr_server,
                     identity = %request.identity,
@@ -221,6 +261,8 @@ impl TokenBroker {
         let now = self.clock.now();
         let refresh = self.refresh;
         self.cache.retain(|_, token| refresh.is_fresh(token, now));
+        self.failures
+            .retain(|_, failure| failure.until > earlier(now, FAILURE_BACKOFF.max));
     }
 }
 
@@ -264,6 +306,23 @@ impl Handler<IssueToken> for TokenBroker {
                 event: BindingEvent::TokenIssued {
                     inputs_hash: message.inputs_hash,
                     token: token.clone(),
+                },
+            });
+            return;
+        }
+
+        let now = self.clock.now();
+        let recent = self
+            .failures
+            .get(&message.request)
+            .filter(|failure| now < failure.until);
+        if let Some(failure) = recent {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.reply.do_send(Deliver {
+                key: message.key,
+                event: BindingEvent::TokenFailed {
+                    inputs_hash: message.inputs_hash,
+                    error: failure.error.clone(),
                 },
             });
             return;
