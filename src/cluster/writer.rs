@@ -285,9 +285,9 @@ impl KubeWriter {
     }
 
     async fn publish(&self, key: &BindingKey, notice: &Notice) -> Result<(), kube::Error> {
-        // NOTE: kube-runtime names an Event `<object name>.<suffix>`, which exceeds the
-        // 253-character limit for binding names longer than about 235 characters, so Events of
-        // such bindings are rejected; their status still reports everything.
+        // NOTE: kube-runtime names an Event `<object name>.<suffix>`. For binding names longer
+        // than about 235 characters that exceeds the 253-character limit, so the API server
+        // rejects their Events. Their status still reports everything.
         let reference = ObjectReference {
             api_version: Some(AcrPullBinding::api_version(&()).into_owned()),
             kind: Some(AcrPullBinding::kind(&()).into_owned()),
@@ -331,7 +331,7 @@ fn controlled_by(secret: &Secret, uid: &str) -> bool {
         .any(|owner| owner.controller == Some(true) && owner.uid == uid)
 }
 
-/// The 409 returned when the Secret's name is taken by an object the binding does not control.
+/// Returns the 409 for a Secret name taken by an object the binding does not control.
 fn not_owned(secret: &str, key: &BindingKey) -> kube::Error {
     let message = format!(
         "Secret {secret} already exists and is not managed by AcrPullBinding {}; delete or rename \

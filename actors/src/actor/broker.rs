@@ -130,7 +130,8 @@ struct Waiter {
 ///
 /// Bindings with the same registry, identity and scope send equal [`TokenRequest`]s: while a
 /// call for one is in flight, later requests wait for it, and afterwards they get the cached
-/// token for as long as [`RefreshPolicy::is_fresh`] holds. Every waiter gets the result.
+/// token for as long as [`RefreshPolicy::is_fresh`] holds. Every waiter gets the result,
+/// and a failure is returned to later requests until its backoff window has passed.
 pub struct TokenBroker {
     source: Arc<dyn TokenSource>,
     refresh: RefreshPolicy,
