@@ -46,7 +46,7 @@ pub enum BindingEvent {
     TokenFailed {
         /// Hash of the inputs the token was requested for; a stale result is ignored.
         inputs_hash: InputsHash,
-        /// What failed, and whether a retry may help.
+        /// The failure and whether a retry may help.
         error: TokenError,
     },
     /// The writer applied a write for this binding.
@@ -55,7 +55,7 @@ pub enum BindingEvent {
     WriteFailed {
         /// The write that failed.
         write: ClusterWrite,
-        /// Why it failed.
+        /// The cause of the failure.
         error: WriteError,
     },
     /// The binding's timer fired (refresh due or backoff over).
@@ -83,7 +83,7 @@ impl BindingEvent {
     }
 }
 
-/// What the watch actor saw of an AcrPullBinding object.
+/// Observation of an AcrPullBinding object by the watch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObservedBinding {
     /// `metadata.generation`, reported back as the Ready condition's `observedGeneration`.
@@ -120,7 +120,7 @@ impl From<&StatusUpdate> for ObservedStatus {
     }
 }
 
-/// What the watch actor saw of the binding's Secret.
+/// Observation of the binding's Secret by the watch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObservedSecret {
     /// Name of the Secret. A labelled Secret whose name is not the binding's Secret name is
@@ -138,7 +138,7 @@ pub struct ObservedSecret {
     pub owned: bool,
 }
 
-/// What the watch actor saw of a ServiceAccount.
+/// Observation of a ServiceAccount by the watch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObservedServiceAccount {
     /// Name of the ServiceAccount.

@@ -1,6 +1,6 @@
 //! Domain types shared by the state machine, the actors and the adapters.
 //!
-//! Nothing here knows about Kubernetes or HTTP: the adapters in the `acrpull` binary translate
+//! Nothing here depends on Kubernetes or HTTP: the adapters in the `acrpull` binary translate
 //! API objects into these types and back.
 
 use std::fmt;
@@ -68,7 +68,7 @@ pub struct DesiredBinding {
     pub scope: Option<String>,
     /// ServiceAccount whose `imagePullSecrets` receives the Secret.
     pub service_account: String,
-    /// Name of the Secret that holds the pull credentials.
+    /// Name of the Secret that contains the pull credentials.
     pub secret_name: String,
 }
 
@@ -117,7 +117,7 @@ impl fmt::Display for InputsHash {
     }
 }
 
-/// What the token source needs to mint one registry token.
+/// Inputs the token source needs to mint one registry token.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TokenRequest {
     /// Registry host name.
@@ -164,11 +164,11 @@ pub struct IssuedToken {
     pub expires_at: Timestamp,
 }
 
-/// Why a token could not be issued.
+/// Failure to issue a token.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct TokenError {
-    /// What failed, in words fit for a status field: never contains a token.
+    /// Description of the failure, fit for a status field. It never contains a token.
     pub message: String,
     /// Whether trying again later may succeed (throttling, 5xx, timeouts).
     pub retryable: bool,
