@@ -294,7 +294,7 @@ impl BindingState {
         self.status = Some(observed.status.clone());
 
         if let Ok(desired) = &observed.spec {
-            // New token inputs are a new request: failures of the old inputs tell nothing about
+            // New token inputs are a new request: failures of the old inputs do not apply to
             // them, so their error and backoff are dropped.
             let previous_hash = match &self.spec {
                 Some(Ok(previous)) => Some(previous.inputs_hash()),
