@@ -112,11 +112,11 @@ pub struct ControllerArgs {
 #[derive(Debug, Args)]
 pub struct AzureArgs {
     /// Base URL of the instance metadata service that issues managed identity tokens.
-    #[arg(long, env = "AZURE_IMDS_ENDPOINT", default_value = DEFAULT_IMDS_ENDPOINT)]
+    #[arg(long, env = "AZURE_IMDS_ENDPOINT", default_value = DEFAULT_IMDS_ENDPOINT, value_parser = parse_http_url)]
     pub imds_endpoint: reqwest::Url,
 
     /// Base URL of the Entra ID authority (for workload identity).
-    #[arg(long, env = "AZURE_AUTHORITY_HOST", default_value = DEFAULT_ENTRA_AUTHORITY_HOST)]
+    #[arg(long, env = "AZURE_AUTHORITY_HOST", default_value = DEFAULT_ENTRA_AUTHORITY_HOST, value_parser = parse_http_url)]
     pub entra_authority_host: reqwest::Url,
 
     /// Audience of the Azure token exchanged at the registry.
@@ -144,6 +144,19 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Parses an `http` or `https` URL with a host, the only kind an endpoint override can be.
+fn parse_http_url(value: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(value).map_err(|error| {
+        format!("invalid URL {value:?} ({error}); use a value such as http://127.0.0.1:8080")
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "invalid URL {value:?}: it must start with http:// or https:// and name a host"
+        ));
+    }
+    Ok(url)
 }
 
 /// Parses a positive duration such as `30m`, `90s` or `1h30m`.
@@ -189,6 +202,15 @@ mod tests {
         assert!(parse_duration("-5m").is_err());
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn endpoint_urls_must_be_http() {
+        assert!(parse_http_url("http://127.0.0.1:8080").is_ok());
+        assert!(parse_http_url("https://login.example").is_ok());
+        assert!(parse_http_url("file:///tmp/x").is_err());
+        assert!(parse_http_url("unix:socket").is_err());
+        assert!(parse_http_url("127.0.0.1:8080").is_err());
     }
 
     #[test]

@@ -37,8 +37,8 @@ impl HttpClient for RedirectingTransport {
 
         let mut redirected = request.clone();
         let url = redirected.url_mut();
-        // Scheme, host and port of a parsed http(s) URL are always settable, so these calls
-        // cannot fail for an endpoint that parsed as http(s).
+        // The CLI accepts only http(s) URLs with a host, and between those the scheme, host and
+        // port are always settable, so these calls cannot fail.
         let _ = url.set_scheme(self.endpoint.scheme());
         let _ = url.set_host(self.endpoint.host_str());
         let _ = url.set_port(self.endpoint.port());
