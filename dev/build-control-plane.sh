@@ -2,7 +2,7 @@
 # Builds kube-apiserver, kube-controller-manager, kubectl and etcd from the Go module proxy and
 # caches them outside the clone, keyed by version, so that later runs rebuild nothing.
 #
-# Usage: dev/build-control-plane.sh        prints the folder that holds the four binaries
+# Usage: dev/build-control-plane.sh        prints the folder that contains the four binaries
 #
 # Environment:
 #   ACRPULL_CONTROL_PLANE_CACHE  cache folder (default: $HOME/.cache/acrpull/control-plane)

@@ -10,14 +10,14 @@ use crate::write::ClusterWrite;
 /// One thing that the binding actor must do after an event.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
-    /// Ask the token broker for a token; it answers with `TokenIssued` or `TokenFailed`.
+    /// Ask the token broker for a token; it replies with `TokenIssued` or `TokenFailed`.
     RequestToken {
-        /// Hash of the inputs, echoed back so that a stale answer can be told apart.
+        /// Hash of the inputs, echoed back so that a stale reply is recognized.
         inputs_hash: InputsHash,
-        /// What to mint a token for.
+        /// The inputs of the token to mint.
         request: TokenRequest,
     },
-    /// Send a write to the writer actor; it answers with `WriteDone` or `WriteFailed`.
+    /// Send a write to the writer actor; it replies with `WriteDone` or `WriteFailed`.
     Write(ClusterWrite),
     /// Arm the binding's single timer for this instant, replacing any armed one.
     ArmTimer {

@@ -119,7 +119,7 @@ pub fn screen_event<'a>(
 
 /// Extra doublings of the backoff for a request that Azure rejected (401, 403, unknown
 /// identity). Such a failure lasts until someone fixes a role assignment, so retrying sooner
-/// than 8 s helps nobody. It is still retried, because the fix needs no change to the binding.
+/// than 8 s does not help. It is still retried, because the fix needs no change to the binding.
 const REJECTED_EXTRA_DOUBLINGS: u32 = 3;
 
 /// Returns the commands that follow from `state`, which already contains `event`.

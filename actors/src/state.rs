@@ -362,7 +362,7 @@ impl BindingState {
         if !self.is_own_secret(&secret.name) {
             return;
         }
-        // Before the spec names the Secret, the observed name stands in for it, so that a spec
+        // Before the spec names the Secret, the observed name is used in its place, so that a spec
         // naming another Secret later resets what was seen.
         if self.secret_name.is_none() {
             self.secret_name = Some(secret.name.clone());

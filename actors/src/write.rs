@@ -199,11 +199,11 @@ pub struct Notice {
     pub message: String,
 }
 
-/// Why the writer could not apply a write after its own retries.
+/// Failure of a write after the writer's own retries.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct WriteError {
-    /// What failed, fit for a status field.
+    /// Description of the failure, fit for a status field.
     pub message: String,
     /// The failure class, which decides how the caller reacts.
     pub kind: WriteErrorKind,

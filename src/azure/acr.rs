@@ -6,13 +6,13 @@ use serde::Deserialize;
 
 use acrpull_actors::model::TokenError;
 
-/// Longest part of a registry error body that is copied into an error message.
+/// Maximum number of characters of a registry error body copied into an error message.
 const MAX_ERROR_BODY_CHARS: usize = 200;
 
 /// Exchanges an Entra ID access token for a registry refresh token.
 ///
 /// # Errors
-/// Returns a [`TokenError`] that says which registry call failed and whether a retry may help.
+/// Returns a [`TokenError`] that names the failed registry call and whether a retry may help.
 pub async fn exchange_refresh_token(
     client: &reqwest::Client,
     server: &str,
@@ -47,7 +47,7 @@ pub async fn exchange_refresh_token(
 /// Exchanges a registry refresh token for an access token limited to `scope`.
 ///
 /// # Errors
-/// Returns a [`TokenError`] that says which registry call failed and whether a retry may help.
+/// Returns a [`TokenError`] that names the failed registry call and whether a retry may help.
 pub async fn scoped_access_token(
     client: &reqwest::Client,
     server: &str,

@@ -1,4 +1,4 @@
-//! Where the controller sends Azure requests, and the HTTP clients that reach them.
+//! Azure endpoints of the controller, and the HTTP clients that reach them.
 //!
 //! Production defaults are the real Azure endpoints. Every one can be redirected, which is how
 //! the tests and the local demo reach the fake Azure on loopback.
@@ -37,7 +37,7 @@ pub struct AzureEndpoints {
     pub request_timeout: Duration,
 }
 
-/// Why the HTTP clients could not be built.
+/// Errors that prevent building the HTTP clients.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
     /// The extra CA file could not be read.
@@ -48,8 +48,8 @@ pub enum EndpointError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The extra CA file holds no valid PEM certificate.
-    #[error("the extra CA file {path} holds no valid PEM certificate: {source}")]
+    /// The extra CA file contains no valid PEM certificate.
+    #[error("the extra CA file {path} contains no valid PEM certificate: {source}")]
     ParseCa {
         /// The file.
         path: PathBuf,

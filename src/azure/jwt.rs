@@ -19,7 +19,7 @@ pub struct Claims {
     pub tid: Option<String>,
 }
 
-/// Why a token's claims could not be read. The messages never contain the token.
+/// Errors reading a token's claims. The messages never contain the token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ClaimsError {
     /// The token does not have three dot-separated parts.

@@ -1,6 +1,6 @@
 //! Labels, annotations and other names this controller puts on Kubernetes objects.
 
-/// Label on every Secret this controller manages; the value is the binding's name, or a hash
+/// Label on every Secret this controller manages. The value is the binding's name, or a hash
 /// of it when the name is longer than a label value may be. The watch selects on it.
 pub const BINDING_LABEL: &str = "acr.microsoft.com/binding";
 
